@@ -1,0 +1,176 @@
+"""Orbax checkpoints per stage, and how a stage finds the one before it.
+
+Layout of a workdir:
+    <workdir>/<stage>/ckpt/<step>/   orbax CheckpointManager steps: {"state": pytree, "meta": json}
+    <workdir>/<stage>/final/         the stage's result, read by later stages
+    <workdir>/<stage>/DONE.json      written (atomically) when the stage has finished
+    <workdir>/<stage>/metrics.jsonl  the stage's log
+
+A stage counts as complete only through DONE.json, which records the fingerprint of the config
+sections the stage depends on. Running another config into the same workdir is refused with the
+first differing field, instead of silently mixing results.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from srdjax.checks import SrdjaxError
+
+
+def _jsonable(tree) -> Any:
+    if hasattr(tree, "to_dict"):
+        tree = tree.to_dict()
+    if isinstance(tree, dict):
+        return {str(k): _jsonable(v) for k, v in sorted(tree.items())}
+    if isinstance(tree, (list, tuple)):
+        return [_jsonable(v) for v in tree]
+    if isinstance(tree, (np.generic,)):
+        return tree.item()
+    return tree
+
+
+def fingerprint(sections: dict) -> tuple[str, dict]:
+    """(hash, canonical json) of the config sections a stage depends on."""
+    canon = _jsonable(sections)
+    text = json.dumps(canon, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16], json.loads(text)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=1, default=str) + "\n")
+
+
+def _first_difference(a, b, prefix="") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k, "<missing>") != b.get(k, "<missing>"):
+                return _first_difference(a.get(k, "<missing>"), b.get(k, "<missing>"),
+                                         f"{prefix}{k}.")
+    return f"{prefix.rstrip('.')}: {a!r} there, {b!r} now"
+
+
+class StageStore:
+    """The checkpoints of one stage in a workdir."""
+
+    def __init__(self, workdir, stage: str, sections: dict, max_to_keep: int = 2):
+        self.dir = Path(workdir).expanduser().resolve() / stage
+        self.stage = stage
+        self.fingerprint, self.sections = fingerprint(sections)
+        self.max_to_keep = max_to_keep
+        self._manager = None
+
+    # -- completion -------------------------------------------------------------------------
+    @property
+    def done_path(self) -> Path:
+        return self.dir / "DONE.json"
+
+    def check_compatible(self) -> None:
+        """Refuse a workdir whose checkpoints came from a different config."""
+        meta_path = self.dir / "config.json"
+        if meta_path.exists():
+            try:
+                old = json.loads(meta_path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise SrdjaxError(f"{meta_path} is unreadable ({e}); remove the stage dir") from None
+            if old.get("fingerprint") != self.fingerprint:
+                raise SrdjaxError(
+                    f"{self.dir} holds a '{self.stage}' checkpoint from another config "
+                    f"({_first_difference(old.get('sections'), self.sections)}); use a new "
+                    f"--config.workdir or delete that directory")
+        elif jax.process_index() == 0:
+            atomic_write_json(meta_path, {"fingerprint": self.fingerprint,
+                                          "sections": self.sections})
+
+    def is_done(self) -> bool:
+        return self.done_path.exists()
+
+    def mark_done(self, summary: dict) -> None:
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            atomic_write_json(self.done_path, {"fingerprint": self.fingerprint, **summary})
+
+    def summary(self) -> dict:
+        if not self.is_done():
+            raise SrdjaxError(f"stage '{self.stage}' has not finished in {self.dir.parent}")
+        return json.loads(self.done_path.read_text())
+
+    # -- orbax ------------------------------------------------------------------------------
+    @property
+    def manager(self) -> ocp.CheckpointManager:
+        if self._manager is None:
+            options = ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, create=True)
+            self._manager = ocp.CheckpointManager(self.dir / "ckpt", options=options)
+        return self._manager
+
+    def latest_step(self) -> int | None:
+        if not (self.dir / "ckpt").exists():
+            return None
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict | None = None) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  meta=ocp.args.JsonSave(_jsonable(meta or {})))
+        self.manager.save(int(step), args=args, force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, target, step: int | None = None):
+        """(state, meta) from `step` (default: the latest). `target` gives structure, dtypes
+        and shardings; a checkpoint that does not fit it is reported, not half-loaded."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise SrdjaxError(f"no checkpoint of stage '{self.stage}' in {self.dir}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises ValueError/KeyError/FileNotFoundError variously
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise SrdjaxError(f"checkpoint {self.dir}/ckpt/{step} does not match this config's "
+                              f"'{self.stage}' state: {msg}") from None
+        return out["state"], out["meta"]
+
+    def save_final(self, tree) -> None:
+        """The stage's result (what later stages read), apart from its resumable training
+        steps; orbax writes it to a temporary directory and renames it when complete."""
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(self.dir / "final", tree, force=True)
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+
+    def load_final(self, target):
+        """The finished stage's result; a clear error if the stage never finished or does not
+        fit `target` (structure, shapes, dtypes and shardings)."""
+        if not self.is_done():
+            raise SrdjaxError(f"checkpoint directory {self.dir.parent} has no finished "
+                              f"'{self.stage}' stage; run train.py with that stage first")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        checkpointer = ocp.StandardCheckpointer()
+        try:
+            return checkpointer.restore(self.dir / "final", abstract)
+        except Exception as e:  # orbax raises ValueError/KeyError/FileNotFoundError variously
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise SrdjaxError(f"{self.dir / 'final'} does not match what this config's "
+                              f"'{self.stage}' stage makes: {msg}") from None
+        finally:
+            checkpointer.close()
+
+    def close(self):
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None

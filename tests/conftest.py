@@ -1,0 +1,10 @@
+"""Every test runs with two forced host devices, so sharded code paths are exercised on a CPU.
+
+The flag must be set before jax is imported anywhere.
+"""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=2").strip()
