@@ -93,7 +93,12 @@ class StageStore:
                     f"{self.dir} holds a '{self.stage}' checkpoint from another config "
                     f"({_first_difference(old.get('sections'), self.sections)}); use a new "
                     f"--config.workdir or delete that directory")
-        elif jax.process_index() == 0:
+
+    def _record_config(self) -> None:
+        """Written with the first checkpoint, so a run that failed before saving anything
+        leaves no claim on the workdir."""
+        meta_path = self.dir / "config.json"
+        if jax.process_index() == 0 and not meta_path.exists():
             atomic_write_json(meta_path, {"fingerprint": self.fingerprint,
                                           "sections": self.sections})
 
@@ -126,6 +131,7 @@ class StageStore:
     def save(self, step: int, state, meta: dict | None = None) -> None:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   meta=ocp.args.JsonSave(_jsonable(meta or {})))
+        self._record_config()
         self.manager.save(int(step), args=args, force=True)
         self.manager.wait_until_finished()
 
@@ -148,6 +154,7 @@ class StageStore:
     def save_final(self, tree) -> None:
         """The stage's result (what later stages read), apart from its resumable training
         steps; orbax writes it to a temporary directory and renames it when complete."""
+        self._record_config()
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(self.dir / "final", tree, force=True)
         checkpointer.wait_until_finished()

@@ -202,7 +202,7 @@ def split_model(model: nnx.Module):
     Plain arrays (`nnx.pure`), not Variable objects: NNX Variables carry the trace they were made
     in and refuse updates from another, which breaks `grad` inside `jit` over merged models."""
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return graphdef, nnx.pure(params), nnx.pure(batch_stats)
+    return graphdef, nnx.as_pure(params), nnx.as_pure(batch_stats)
 
 
 def apply_model(graphdef, params, batch_stats, x, *, train: bool = False):
@@ -214,7 +214,7 @@ def apply_model(graphdef, params, batch_stats, x, *, train: bool = False):
     else:
         model.eval()
     logits, latent = model(x)
-    new_stats = nnx.pure(nnx.state(model, nnx.BatchStat)) if train else batch_stats
+    new_stats = nnx.as_pure(nnx.state(model, nnx.BatchStat)) if train else batch_stats
     return logits, latent, new_stats
 
 

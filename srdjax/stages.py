@@ -139,6 +139,9 @@ def validate_config(config) -> None:
             raise SrdjaxError(f"unknown stage {name!r} in config.stages; "
                               f"expected some of {list(STAGES)}")
     check(str(config.workdir), "config.workdir must be set")
+    from srdjax.models import MODELS
+    check(config.model.name in MODELS,
+          f"unknown model {config.model.name!r}; expected one of {sorted(MODELS)}")
     check(config.model.num_classes >= 2,
           f"model.num_classes must be >= 2, got {config.model.num_classes}")
     for name in config.stages:

@@ -1,0 +1,76 @@
+"""The stage runner end to end on the smoke config: checkpoints, skipping, kill and resume."""
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from srdjax import stages
+from srdjax.checks import SrdjaxError
+from tests.helpers import REPO, smoke_config
+
+
+def _final_params(workdir, stage="baseline"):
+    ctx = stages.Context(smoke_config(workdir))
+    _, params, stats = stages.load_classifier(ctx, stage)
+    return jax.device_get((params, stats))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("smoke")
+    summaries = stages.run(smoke_config(workdir))
+    return workdir, summaries
+
+
+def test_smoke_run_checkpoints_and_a_second_run_skips(finished):
+    workdir, summaries = finished
+    assert (workdir / "baseline" / "DONE.json").exists()
+    assert (workdir / "baseline" / "curves.png").exists()
+    assert 0.0 <= summaries["baseline"]["test_acc"] <= 1.0
+    assert summaries["baseline"]["n_test"] == 100 and summaries["baseline"]["n_train"] == 200
+    mtime = (workdir / "baseline" / "DONE.json").stat().st_mtime
+    again = stages.run(smoke_config(workdir))
+    assert again["baseline"]["test_acc"] == summaries["baseline"]["test_acc"]
+    assert (workdir / "baseline" / "DONE.json").stat().st_mtime == mtime
+
+
+def test_killed_run_resumes_to_the_same_parameters(finished, tmp_path):
+    reference = _final_params(finished[0])
+    stages.run(smoke_config(tmp_path), stop_after_steps=3)  # mid-epoch "kill"
+    assert not (tmp_path / "baseline" / "DONE.json").exists()
+    stages.run(smoke_config(tmp_path))
+    resumed = _final_params(tmp_path)
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_workdir_from_another_config_is_refused(finished):
+    config = smoke_config(finished[0], **{"baseline.lr": 0.05})
+    with pytest.raises(SrdjaxError, match="another config .*baseline.lr: 0.2 there, 0.05 now"):
+        stages.run(config)
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(SrdjaxError, match="unknown stage 'bogus'"):
+        stages.run(smoke_config("/tmp/unused", stages=("bogus",)))
+    with pytest.raises(SrdjaxError, match="baseline.batch_size must be positive, got 0"):
+        stages.run(smoke_config("/tmp/unused", **{"baseline.batch_size": 0}))
+
+
+def test_missing_stage_is_reported(tmp_path):
+    ctx = stages.Context(smoke_config(tmp_path))
+    with pytest.raises(SrdjaxError, match="no finished 'baseline' stage"):
+        stages.load_classifier(ctx, "baseline")
+
+
+def test_train_py_reports_user_errors_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/smoke.py",
+         f"--config.workdir={tmp_path}", "--config.model.name=vgg"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: unknown model 'vgg'; expected one of ['resnet18', 'small_cnn', 'wide_resnet']")
+    assert not (tmp_path / "baseline").exists()
