@@ -141,3 +141,32 @@ def test_converter_refuses_code_in_pickles(tmp_path):
 def test_tfds_source_without_prepared_data_says_what_is_missing(tmp_path):
     with pytest.raises(SrdjaxError, match="not prepared"):
         data.load_tfds("cifar10", "test", data_dir=str(tmp_path), download=False)
+
+
+def test_tfds_source_reads_a_prepared_array_record_dataset(tmp_path):
+    """The real `tfds.data_source` path, on a tiny builder prepared here without TensorFlow
+    (uint8 tensors instead of encoded images, which would need TF to write)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+
+    class SrdjaxTiny(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(32, 32, 3), dtype=np.uint8),
+                "label": tfds.features.ClassLabel(names=list(data.CIFAR10_CLASSES))}))
+
+        def _split_generators(self, dl_manager):
+            return {"test": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, im in enumerate(images):
+                yield i, {"image": im, "label": i % 10}
+
+    SrdjaxTiny(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    ds = data.load_tfds("srdjax_tiny", "test", data_dir=str(tmp_path))
+    assert ds.classes == data.CIFAR10_CLASSES and len(ds) == 7
+    order = np.argsort(ds.y)  # the builder shuffles; match images by label
+    np.testing.assert_array_equal(ds.x[order], images[np.argsort(np.arange(7) % 10)])
