@@ -1,0 +1,391 @@
+"""Semantic reconstruction dictionaries: patches, dictionary learning, sparse re-synthesis.
+
+Patches are p×p×C blocks flattened in (row, column, channel) order, so a patch vector matches
+`sklearn.feature_extraction.image.extract_patches_2d(image, (p, p)).reshape(-1, p*p*C)`; patch
+positions run row-major. Reconstruction is the exact inverse for a stride that tiles the image:
+every pixel is the average of the patches covering it.
+
+Dictionary learning alternates batched OMP (`srdjax.omp`) with an atom update:
+- "ksvd": approximate K-SVD (Rubinstein, Zibulevsky & Elad 2008): for each atom in turn, one
+  power-iteration step of the rank-1 fit of the residual restricted to the signals using it;
+  atom and those signals' coefficients are replaced together, which never increases the error.
+- "mod": method of optimal directions, D = (AᵀA + ρI)⁻¹ AᵀX, then atoms renormalised.
+Atoms are kept unit-norm. An atom no signal uses after coding, or one nearly repeating an earlier
+atom (|cos| > 0.99, as K-SVD does), is re-seeded with one of the worst represented signals
+(normalised), a different signal per re-seeded atom.
+"""
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from srdjax import omp as omp_lib
+from srdjax.checks import check, check_finite
+
+METHODS = ("ksvd", "mod")
+
+
+def _grid(height: int, width: int, patch_size: int, stride: int):
+    check(isinstance(patch_size, (int, np.integer)) and 1 <= patch_size <= min(height, width),
+          f"patch_size must be an integer in [1, {min(height, width)}] for {height}x{width} "
+          f"images, got {patch_size!r}")
+    check(isinstance(stride, (int, np.integer)) and stride >= 1,
+          f"stride must be a positive integer, got {stride!r}")
+    check((height - patch_size) % stride == 0 and (width - patch_size) % stride == 0,
+          f"patches of size {patch_size} with stride {stride} do not tile {height}x{width} "
+          f"images: (size - patch_size) must be divisible by stride")
+    return (height - patch_size) // stride + 1, (width - patch_size) // stride + 1
+
+
+@functools.partial(jax.jit, static_argnames=("patch_size", "stride"))
+def _extract(images, patch_size: int, stride: int):
+    n, height, width, channels = images.shape
+    rows, cols = _grid(height, width, patch_size, stride)
+    # Strided slices, rows then columns (2p slices rather than p²): cheap to compile and run,
+    # and their transpose is a pad.
+    strips = jnp.stack([images[:, dy:dy + stride * (rows - 1) + 1:stride]
+                        for dy in range(patch_size)], axis=2)              # [N, rows, p, W, C]
+    blocks = jnp.stack([strips[:, :, :, dx:dx + stride * (cols - 1) + 1:stride]
+                        for dx in range(patch_size)], axis=4)              # [N, rows, p, cols, p, C]
+    blocks = blocks.transpose(0, 1, 3, 2, 4, 5)
+    return blocks.reshape(n, rows * cols, patch_size * patch_size * channels)
+
+
+def extract_patches(images, patch_size: int, stride: int = 1):
+    """Overlapping patches [N, P, p·p·C] of images [N, H, W, C]; linear, jittable."""
+    chex.assert_rank(images, 4)
+    _grid(images.shape[1], images.shape[2], patch_size, stride)
+    return _extract(images, int(patch_size), int(stride))
+
+
+@functools.partial(jax.jit, static_argnames=("image_shape", "patch_size", "stride"))
+def _reconstruct(patches, image_shape, patch_size: int, stride: int):
+    n = patches.shape[0]
+    height, width, channels = image_shape
+    rows, cols = _grid(height, width, patch_size, stride)
+    extract = functools.partial(_extract, patch_size=patch_size, stride=stride)
+    # The adjoint of extraction adds every patch back where it came from.
+    adjoint = jax.linear_transpose(extract, jax.ShapeDtypeStruct((n, *image_shape), patches.dtype))
+    ones = jnp.ones((1, height, width, 1), patches.dtype)
+    counts, = jax.linear_transpose(extract, ones)(extract(ones))
+    # Average as base + mean(patch - base), base = one covering patch per pixel: the same average
+    # in exact arithmetic, and bitwise exact when the patches agree (a plain sum / count is not).
+    y, x = np.arange(height), np.arange(width)
+    row, col = np.minimum(y // stride, rows - 1), np.minimum(x // stride, cols - 1)
+    grid = patches.reshape(n, rows * cols, patch_size, patch_size, channels)
+    base = grid[:, (row[:, None] * cols + col[None, :]),
+                (y - row * stride)[:, None], (x - col * stride)[None, :], :]
+    spread, = adjoint(patches - extract(base))
+    return base + spread / counts
+
+
+def reconstruct_from_patches(patches, image_shape, patch_size: int, stride: int = 1):
+    """Images [N, H, W, C] from their patches [N, P, p·p·C], averaging overlaps (exact inverse)."""
+    image_shape = tuple(int(s) for s in image_shape)
+    check(len(image_shape) == 3, f"image_shape must be (H, W, C), got {image_shape}")
+    height, width, channels = image_shape
+    rows, cols = _grid(height, width, patch_size, stride)
+    expected = (rows * cols, patch_size * patch_size * channels)
+    check(patches.ndim == 3 and tuple(patches.shape[1:]) == expected,
+          f"patches must be [N, {expected[0]}, {expected[1]}] for images {image_shape} with "
+          f"patch_size {patch_size}, stride {stride}; got shape {tuple(patches.shape)}")
+    return _reconstruct(patches, image_shape, int(patch_size), int(stride))
+
+
+# ----------------------------------------------------------------------------- learning
+
+def _unit_rows(x, key):
+    """Rows scaled to unit norm; zero rows replaced by random unit vectors."""
+    norms = jnp.linalg.norm(x, axis=1, keepdims=True)
+    noise = jax.random.normal(key, x.shape, x.dtype)
+    noise = noise / jnp.linalg.norm(noise, axis=1, keepdims=True)
+    return jnp.where(norms > 1e-12, x / jnp.maximum(norms, 1e-12), noise)
+
+
+@functools.partial(jax.jit, static_argnames=("cap",))
+def _ksvd_update(dictionary, signals, support, values, *, cap: int):
+    """One approximate K-SVD sweep over the atoms; returns (dictionary, residual).
+
+    `cap` (static) bounds how many signals use one atom, so each atom costs O(cap · dim) rather
+    than O(n_signals · dim).
+    """
+    m, k = support.shape
+    n_atoms = dictionary.shape[0]
+    residual = signals - omp_lib.reconstruct_signals(dictionary, support, values)
+    # A dummy row m absorbs the writes of unused lanes, so no real row is written twice.
+    residual = jnp.concatenate([residual, jnp.zeros_like(residual[:1])])
+    values = jnp.concatenate([jnp.where(support >= 0, values, 0.0), jnp.zeros_like(values[:1])])
+    # Group the (signal, slot) entries by atom once; atom j's users are order[start_j:][:count_j].
+    flat = jnp.where(support >= 0, support, n_atoms).reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    counts = jnp.bincount(flat, length=n_atoms + 1)[:n_atoms]
+    starts = jnp.cumsum(counts) - counts
+    order = jnp.concatenate([order, jnp.zeros(cap, order.dtype)])
+    lanes = jnp.arange(cap)
+
+    def update_atom(j, state):
+        dictionary, residual, values = state
+        entries = jax.lax.dynamic_slice(order, (starts[j],), (cap,))
+        used = lanes < counts[j]
+        rows, slots = jnp.where(used, entries // k, m), entries % k
+        g = values[rows, slots]
+        atom = dictionary[j]
+        local = residual[rows] + g[:, None] * atom[None, :]           # error without atom j
+        d = local.T @ g
+        norm = jnp.linalg.norm(d)
+        alive = norm > 0
+        d = jnp.where(alive, d / jnp.where(alive, norm, 1.0), atom)
+        g = jnp.where(alive & used, local @ d, g)
+        residual = residual.at[rows].set(local - g[:, None] * d[None, :]).at[m].set(0.0)
+        values = values.at[rows, slots].set(g).at[m].set(0.0)
+        return dictionary.at[j].set(d), residual, values
+
+    dictionary, residual, _ = jax.lax.fori_loop(
+        0, n_atoms, update_atom, (dictionary, residual, values))
+    return dictionary, residual[:m]
+
+
+@jax.jit
+def _mod_update(dictionary, signals, support, values):
+    """Method of optimal directions; returns (dictionary, residual) before renormalisation."""
+    n_atoms = dictionary.shape[0]
+    codes = omp_lib.codes_from_support(support, values, n_atoms)
+    ata = codes.T @ codes
+    # A small ridge keeps unused atoms (zero rows and columns of AᵀA) solvable: they come out 0
+    # and are re-seeded below.
+    ridge = 1e-6 * jnp.trace(ata) / n_atoms + jnp.finfo(ata.dtype).tiny
+    new = jnp.linalg.solve(ata + ridge * jnp.eye(n_atoms, dtype=ata.dtype), codes.T @ signals)
+    return new, signals - codes @ new
+
+
+@jax.jit
+def _reseed(key, dictionary, signals, residual, counts):
+    """Unit-normalise atoms; each unused or repeated atom takes a different worst-represented
+    signal."""
+    n_atoms = dictionary.shape[0]
+    dictionary = _unit_rows(dictionary, key)
+    # As in K-SVD, an atom nearly repeating an earlier one is wasted: re-seed it too.
+    cos = jnp.abs(dictionary @ dictionary.T)
+    repeat = jnp.any(jnp.tril(cos > 0.99, k=-1), axis=1)
+    dead = (counts == 0) | repeat
+    n_worst = min(n_atoms, signals.shape[0])
+    _, worst = jax.lax.top_k(jnp.sum(residual * residual, axis=1), n_worst)
+    rank = jnp.cumsum(dead) - 1
+    seeds = signals[worst[jnp.clip(rank, 0, n_worst - 1)]]
+    # More dead atoms than signals (tiny clusters): the rest become random unit atoms.
+    seeds = jnp.where((rank < n_worst)[:, None], seeds, 0.0)
+    fresh = _unit_rows(seeds, key)
+    return jnp.where(dead[:, None], fresh, dictionary)
+
+
+@jax.jit
+def _relative_error(dictionary, signals, support, values):
+    residual = signals - omp_lib.reconstruct_signals(dictionary, support, values)
+    return jnp.sum(residual * residual) / jnp.maximum(jnp.sum(signals * signals), 1e-30)
+
+
+@functools.partial(jax.jit, static_argnames=("n_atoms",))
+def initial_dictionary(key, patches, n_atoms: int):
+    """n_atoms distinct random patches, unit-normalised; random unit atoms where patches run out
+    (fewer patches than atoms) or a patch is all zero."""
+    m = patches.shape[0]
+    pick_key, noise_key = jax.random.split(key)
+    take = min(m, n_atoms)
+    rows = jnp.zeros((n_atoms, patches.shape[1]), patches.dtype)
+    if take:
+        rows = rows.at[:take].set(patches[jax.random.choice(pick_key, m, (take,), replace=False)])
+    return _unit_rows(rows, noise_key)
+
+
+def learn_dictionary(key, patches, n_atoms: int = 256, sparsity: int = 8, n_iter: int = 10, *,
+                     method: str = "ksvd", chunk_size: int = omp_lib.DEFAULT_CHUNK):
+    """Learn unit-norm atoms [n_atoms, dim] for patches [m, dim] by OMP + K-SVD/MOD alternation.
+
+    Returns (dictionary, history): history[i] is the relative error ‖X − A D‖²_F / ‖X‖²_F of the
+    OMP codes with the dictionary of iteration i (history[0]: the initial dictionary,
+    history[-1]: the returned one), length n_iter + 1. The iteration loop runs on the host (each
+    step jitted), because the K-SVD sweep is compiled for the largest per-atom usage it meets.
+    The error is not guaranteed to fall every iteration (OMP is greedy, and a re-seeded repeated
+    atom loses its signals until they are re-coded), but on real patches it does (tested).
+    """
+    check(method in METHODS, f"method must be one of {METHODS}, got {method!r}")
+    chex.assert_rank(patches, 2)
+    check(patches.shape[0] >= 1, "patches must hold at least one patch, got 0")
+    check(isinstance(n_atoms, (int, np.integer)) and n_atoms >= 1,
+          f"n_atoms must be a positive integer, got {n_atoms!r}")
+    check(isinstance(n_iter, (int, np.integer)) and n_iter >= 0,
+          f"n_iter must be a non-negative integer, got {n_iter!r}")
+    check_finite(patches, "patches")
+    patches = jnp.asarray(patches)
+    check(jnp.issubdtype(patches.dtype, jnp.floating),
+          f"patches must be floating point, got dtype {patches.dtype}")
+    init_key, loop_key = jax.random.split(key)
+    dictionary = initial_dictionary(init_key, patches, n_atoms)
+    history = []
+    for it in range(n_iter + 1):
+        support, values = omp_lib.omp_support(dictionary, patches, sparsity,
+                                              chunk_size=chunk_size)
+        history.append(float(_relative_error(dictionary, patches, support, values)))
+        if it == n_iter:
+            break
+        counts = np.bincount(np.asarray(support).ravel() + 1, minlength=n_atoms + 1)[1:]
+        if method == "ksvd":
+            cap = 1 << int(max(counts.max(), 1) - 1).bit_length()    # power of two: few compiles
+            dictionary, residual = _ksvd_update(dictionary, patches, support, values,
+                                                cap=min(cap, patches.shape[0]))
+        else:
+            dictionary, residual = _mod_update(dictionary, patches, support, values)
+        dictionary = _reseed(jax.random.fold_in(loop_key, it), dictionary, patches, residual,
+                             jnp.asarray(counts))
+    return dictionary, np.asarray(history)
+
+
+def sample_patches(key, images, n_patches: int, patch_size: int = 8, stride: int = 1):
+    """n_patches distinct patches [n, p·p·C] drawn uniformly from all patches of images, without
+    extracting them all (all of them, in order, when there are no more than n_patches)."""
+    chex.assert_rank(images, 4)
+    rows, cols = _grid(images.shape[1], images.shape[2], patch_size, stride)
+    if images.shape[0] * rows * cols <= n_patches:
+        return extract_patches(images, patch_size, stride).reshape(-1, patch_size * patch_size *
+                                                                   images.shape[3])
+    return _sample_patches(key, jnp.asarray(images), int(n_patches), int(patch_size),
+                           int(stride))
+
+
+@functools.partial(jax.jit, static_argnames=("n_patches", "patch_size", "stride"))
+def _sample_patches(key, images, n_patches: int, patch_size: int, stride: int):
+    n, height, width, channels = images.shape
+    rows, cols = _grid(height, width, patch_size, stride)
+    flat = jax.random.choice(key, n * rows * cols, (n_patches,), replace=False)
+    image, position = flat // (rows * cols), flat % (rows * cols)
+    top, left = (position // cols) * stride, (position % cols) * stride
+
+    def one(i, y, x):
+        return jax.lax.dynamic_slice(images[i], (y, x, 0), (patch_size, patch_size, channels))
+
+    return jax.vmap(one)(image, top, left).reshape(n_patches, -1)
+
+
+def learn_cluster_dictionaries(key, high_images, cluster_ids, n_clusters: int, *,
+                               patch_size: int = 8, stride: int = 1, n_atoms: int = 256,
+                               sparsity: int = 8, n_iter: int = 10,
+                               max_patches_per_cluster: int = 20_000, method: str = "ksvd"):
+    """One dictionary per cluster from the high-frequency patches of its images.
+
+    high_images [N, H, W, C] (high-frequency parts: values outside [0, 1] are expected),
+    cluster_ids [N] in [0, n_clusters). Each cluster's patches are subsampled to at most
+    max_patches_per_cluster with a key folded from `key` and the cluster index. A cluster with
+    fewer patches than atoms still gets n_atoms unit atoms: the patches it has, the rest random
+    (and then re-seeded from its worst-represented patches); a cluster with no image at all gets
+    random unit atoms. Returns (dictionaries [K, n_atoms, p·p·C], histories: list of K arrays).
+    """
+    chex.assert_rank(high_images, 4)
+    check_finite(high_images, "high_images")
+    check(isinstance(n_clusters, (int, np.integer)) and n_clusters >= 1,
+          f"n_clusters must be a positive integer, got {n_clusters!r}")
+    ids = np.asarray(cluster_ids)
+    check(ids.shape == (high_images.shape[0],),
+          f"cluster_ids must have shape [{high_images.shape[0]}], got {ids.shape}")
+    check(np.issubdtype(ids.dtype, np.integer) and (ids.size == 0 or
+                                                    (ids.min() >= 0 and ids.max() < n_clusters)),
+          f"cluster_ids must be integers in [0, {n_clusters - 1}]")
+    _grid(high_images.shape[1], high_images.shape[2], patch_size, stride)
+    dim = patch_size * patch_size * high_images.shape[3]
+    dictionaries, histories = [], []
+    for cluster in range(n_clusters):
+        cluster_key = jax.random.fold_in(key, cluster)
+        members = np.flatnonzero(ids == cluster)
+        if members.size == 0:
+            empty = jnp.zeros((0, dim), high_images.dtype)
+            dictionaries.append(initial_dictionary(cluster_key, empty, n_atoms))
+            histories.append(np.zeros(0))
+            continue
+        sample_key, learn_key = jax.random.split(cluster_key)
+        patches = sample_patches(sample_key, high_images[members],
+                                 max_patches_per_cluster, patch_size, stride)
+        dictionary, history = learn_dictionary(learn_key, patches, n_atoms, sparsity, n_iter,
+                                               method=method)
+        dictionaries.append(dictionary)
+        histories.append(history)
+    return jnp.stack(dictionaries), histories
+
+
+@functools.partial(jax.jit, static_argnames=("patch_size", "sparsity", "stride", "chunk_size"))
+def _sparse_code_images(dictionary, high, patch_size: int, sparsity: int, stride: int,
+                        chunk_size: int):
+    patches = _extract(high, patch_size, stride)
+    flat = patches.reshape(-1, patches.shape[-1])
+    support, values = omp_lib.omp_support_unchecked(
+        dictionary, flat, dictionary @ dictionary.T, 0.0, sparsity=sparsity, use_tol=False,
+        chunk_size=chunk_size)
+    coded = omp_lib.reconstruct_signals(dictionary, support, values).reshape(patches.shape)
+    return _reconstruct(coded, high.shape[1:], patch_size, stride)
+
+
+def sparse_code_images(dictionary, high_images, patch_size: int = 8, sparsity: int = 8, *,
+                       stride: int = 1, chunk_size: int = omp_lib.DEFAULT_CHUNK):
+    """Re-synthesise high-frequency images from their OMP-coded patches with one dictionary:
+    extract patches → OMP → codes @ dictionary → average the overlapping patches."""
+    chex.assert_rank([dictionary, high_images], [2, 4])
+    _grid(high_images.shape[1], high_images.shape[2], patch_size, stride)
+    dim = patch_size * patch_size * high_images.shape[3]
+    omp_lib.check_inputs(dictionary, jnp.zeros((0, dim), dictionary.dtype), sparsity)
+    check_finite(high_images, "high_images")
+    dtype = jnp.result_type(dictionary, high_images)
+    return _sparse_code_images(jnp.asarray(dictionary, dtype), jnp.asarray(high_images, dtype),
+                               int(patch_size), int(sparsity), int(stride), int(chunk_size))
+
+
+@functools.partial(jax.jit, static_argnames=("patch_size", "sparsity", "stride", "image_chunk"))
+def _reconstruct_high(dictionaries, grams, cluster_idx, high, patch_size: int, sparsity: int,
+                      stride: int, image_chunk: int):
+    n, height, width, channels = high.shape
+    patches = _extract(high, patch_size, stride)               # [N, P, dim]
+
+    def one_image(dictionary, gram, signals):
+        support, values = omp_lib.omp_support_unchecked(
+            dictionary, signals, gram, 0.0, sparsity=sparsity, use_tol=False,
+            chunk_size=signals.shape[0])
+        return omp_lib.reconstruct_signals(dictionary, support, values)
+
+    def chunk(args):
+        idx, signals = args
+        return jax.vmap(one_image)(dictionaries[idx], grams[idx], signals)
+
+    n_chunks = -(-n // image_chunk)
+    pad = n_chunks * image_chunk - n
+    idx = jnp.pad(cluster_idx, (0, pad)).reshape(n_chunks, image_chunk)
+    signals = jnp.pad(patches, ((0, pad), (0, 0), (0, 0)))
+    signals = signals.reshape(n_chunks, image_chunk, *patches.shape[1:])
+    coded = jax.lax.map(chunk, (idx, signals)).reshape(-1, *patches.shape[1:])[:n]
+    return _reconstruct(coded, (height, width, channels), patch_size, stride)
+
+
+def reconstruct_high(dictionaries, cluster_idx, high, patch_size: int = 8, sparsity: int = 8, *,
+                     stride: int = 1, image_chunk: int = 8):
+    """`sparse_code_images` where image i uses dictionaries[cluster_idx[i]]; jittable.
+
+    dictionaries [K, n_atoms, dim], cluster_idx [N] int, high [N, H, W, C]. Images are coded
+    `image_chunk` at a time (memory grows with image_chunk · patches per image · n_atoms ·
+    sparsity).
+    """
+    chex.assert_rank([dictionaries, cluster_idx, high], [3, 1, 4])
+    chex.assert_equal_shape_prefix([cluster_idx, high], 1)
+    n_clusters, n_atoms, dim = dictionaries.shape
+    check(dim == patch_size * patch_size * high.shape[3],
+          f"dictionaries have dim {dim} but {patch_size}x{patch_size} patches of "
+          f"{high.shape[3]}-channel images have dim {patch_size * patch_size * high.shape[3]}")
+    _grid(high.shape[1], high.shape[2], patch_size, stride)
+    # Every atom of every dictionary must be usable: check them as one stacked dictionary.
+    omp_lib.check_inputs(dictionaries.reshape(-1, dim), jnp.zeros((0, dim), dictionaries.dtype),
+                         sparsity)
+    check(sparsity <= n_atoms, f"sparsity must be at most n_atoms = {n_atoms}, got {sparsity}")
+    check_finite(high, "high")
+    grams = jnp.einsum("kad,kbd->kab", dictionaries, dictionaries)
+    return _reconstruct_high(dictionaries, grams, cluster_idx, high, int(patch_size),
+                             int(sparsity), int(stride), max(1, min(int(image_chunk),
+                                                                     high.shape[0])))

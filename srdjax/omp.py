@@ -1,0 +1,237 @@
+"""Batched Orthogonal Matching Pursuit (Batch-OMP) on device.
+
+Conventions follow `sklearn.decomposition.sparse_encode(X=signals, dictionary=dictionary,
+algorithm="omp", n_nonzero_coefs=sparsity)`: atoms are the rows of `dictionary`, codes are
+[n_signals, n_atoms] and `codes @ dictionary` approximates `signals`.
+
+The algorithm is sklearn's `_gram_omp` (Rubinstein, Zibulevsky & Elad's Batch-OMP) run for a whole
+chunk of signals at once: it works only from the Gram matrix G = D Dᵀ and the correlations D x, and
+grows the Cholesky factor of the selected atoms' Gram block one row per step. We carry the *inverse*
+of that factor (it grows the same way, one row per step), so every per-step solve is a matrix-vector
+product instead of a sequential triangular solve; in exact arithmetic the codes are identical.
+
+sklearn's early stops are reproduced, per signal:
+- the best remaining correlation has squared value < machine eps (e.g. an all-zero signal, or an
+  exactly represented one) — no atom is added;
+- the best atom is one already selected;
+- the new atom is linearly dependent on the selected ones (Cholesky pivot <= eps);
+- with `tol`: the residual's squared norm fell to <= tol after adding an atom.
+sklearn warns "ended prematurely due to linear dependence" in the first three cases; we stop
+silently (a warning per signal inside `jit` is not possible) and leave the unused slots empty.
+The eps thresholds are absolute, as in sklearn (float32: correlations below ~3.5e-4 stop a
+signal), so signals should not be scaled far below unit size. Ties go to the lowest atom index. sklearn breaks them in its internally swapped atom order, but
+between exact duplicate atoms its correlations differ in the last bit depending on BLAS, so which
+copy it picks is not reproducible anyway; the reconstruction is the same either way.
+
+Memory per chunk is about chunk_size · sparsity · n_atoms floats (the Gram rows of the support).
+"""
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from srdjax.checks import check, check_finite, is_concrete
+
+DEFAULT_CHUNK = 1024
+
+
+def _first_argmax(values):
+    """Index of the first maximum along axis 1 (np.argmax's tie rule); XLA's CPU argmax is a
+    slow variadic reduce, two plain reductions are several times faster."""
+    top = jnp.max(values, axis=1, keepdims=True)
+    lanes = jnp.arange(values.shape[1], dtype=jnp.int32)[None, :]
+    return jnp.min(jnp.where(values == top, lanes, values.shape[1]), axis=1), top[:, 0]
+
+
+def _batch_omp(gram, xy, xnorm2, tol, *, sparsity: int, use_tol: bool):
+    """One chunk: gram [n_atoms, n_atoms], xy [B, n_atoms] = signals @ Dᵀ, xnorm2 [B].
+
+    Returns support [B, sparsity] (int32, -1 where unused) and values [B, sparsity].
+    """
+    batch, _ = xy.shape
+    k = sparsity
+    dtype = xy.dtype
+    eps = jnp.finfo(dtype).eps
+    rows = jnp.arange(batch)
+    slots = jnp.arange(k)
+
+    def step(t, state):
+        support, gsel, linv, z, gamma, xy_s, done = state
+        # Correlations of every atom with the current residual, from the Gram rows of the support.
+        alpha = xy - jnp.sum(gamma[:, :, None] * gsel, axis=1)
+        atom, a_max = _first_argmax(jnp.abs(alpha))
+        g = gram[atom]                                            # [B, n_atoms]
+        valid = slots[None, :] < t
+        c = jnp.where(valid, jnp.take_along_axis(g, jnp.maximum(support, 0), axis=1), 0.0)
+        w = jnp.einsum("bij,bj->bi", linv, c)
+        pivot = g[rows, atom] - jnp.sum(w * w, axis=1)
+        reselected = jnp.any(valid & (support == atom[:, None]), axis=1)
+        stop = reselected | (a_max * a_max < eps) | ((t > 0) & (pivot <= eps))
+        active = ~(done | stop)
+
+        d = jnp.sqrt(jnp.where(active, pivot, 1.0))
+        # New last row of L⁻¹ for L_new = [[L, 0], [wᵀ, d]]: [-wᵀ L⁻¹, 1] / d.
+        new_row = (jax.nn.one_hot(t, k, dtype=dtype)[None, :]
+                   - jnp.einsum("bi,bij->bj", w, linv)) / d[:, None]
+        new_row = jnp.where(active[:, None], new_row, 0.0)
+        linv = linv.at[:, t].set(new_row)
+        xy_s = xy_s.at[:, t].set(jnp.where(active, xy[rows, atom], 0.0))
+        z = z.at[:, t].set(jnp.sum(new_row * xy_s, axis=1))
+        gamma = jnp.einsum("bij,bi->bj", linv, z)                  # (L Lᵀ)⁻¹ D_S x = L⁻ᵀ z
+        gsel = gsel.at[:, t].set(jnp.where(active[:, None], g, 0.0))
+        support = support.at[:, t].set(jnp.where(active, atom, -1))
+        finished = done | stop
+        if use_tol:
+            # ‖x − D_Sᵀγ‖² = ‖x‖² − x·D_Sᵀγ = ‖x‖² − ‖z‖², as sklearn's running tol_curr.
+            residual2 = xnorm2 - jnp.sum(z * z, axis=1)
+            finished = finished | (active & (jnp.abs(residual2) <= tol))
+        return support, gsel, linv, z, gamma, xy_s, finished
+
+    n_atoms = gram.shape[0]
+    init = (
+        jnp.full((batch, k), -1, jnp.int32),
+        jnp.zeros((batch, k, n_atoms), dtype),
+        jnp.zeros((batch, k, k), dtype),
+        jnp.zeros((batch, k), dtype),
+        jnp.zeros((batch, k), dtype),
+        jnp.zeros((batch, k), dtype),
+        jnp.zeros((batch,), bool),
+    )
+    support, _, _, _, gamma, _, _ = jax.lax.fori_loop(0, k, step, init)
+    return support, jnp.where(support >= 0, gamma, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("sparsity", "use_tol", "chunk_size"))
+def omp_support_unchecked(dictionary, signals, gram, tol, *, sparsity: int, use_tol: bool,
+                          chunk_size: int):
+    """`omp_support` without the input checks (for callers that checked already, or inside jit);
+    `tol` is ignored unless use_tol."""
+    n, dim = signals.shape
+    dtype = signals.dtype
+    gram = gram.astype(dtype)
+    tol = jnp.asarray(tol, dtype)
+
+    def code(chunk):
+        xy = chunk @ dictionary.T
+        return _batch_omp(gram, xy, jnp.sum(chunk * chunk, axis=1), tol,
+                          sparsity=sparsity, use_tol=use_tol)
+
+    if n <= chunk_size:
+        return code(signals)
+    n_chunks = -(-n // chunk_size)
+    padded = jnp.pad(signals, ((0, n_chunks * chunk_size - n), (0, 0)))
+    # Chunk c holds signals c, c + n_chunks, ...: a signal axis sharded in contiguous blocks over
+    # devices then stays sharded along the within-chunk axis, so every device codes its own part.
+    chunks = padded.reshape(chunk_size, n_chunks, dim).swapaxes(0, 1)
+    support, values = jax.lax.map(code, chunks)
+
+    def unchunk(a):
+        return a.swapaxes(0, 1).reshape(n_chunks * chunk_size, sparsity)[:n]
+
+    return unchunk(support), unchunk(values)
+
+
+# Earlier name of the same function (srdjax.purifier still calls it).
+_omp_sparse = omp_support_unchecked
+
+
+def check_inputs(dictionary, signals, sparsity, gram=None, tol=None):
+    """Shape, dtype and (on concrete arrays) value checks of OMP's inputs; returns the dtype."""
+    d_shape, x_shape = jnp.shape(dictionary), jnp.shape(signals)
+    check(len(d_shape) == 2, f"dictionary must be [n_atoms, dim], got shape {tuple(d_shape)}")
+    check(len(x_shape) == 2, f"signals must be [n_signals, dim], got shape {tuple(x_shape)}")
+    n_atoms, dim = d_shape
+    check(x_shape[1] == dim,
+          f"signals have dim {x_shape[1]} but dictionary atoms have dim {dim} (atoms are rows)")
+    check(isinstance(sparsity, (int, np.integer)) and 1 <= sparsity <= min(dim, n_atoms),
+          f"sparsity must be an integer in [1, {min(dim, n_atoms)}] (min of dim and n_atoms), "
+          f"got {sparsity!r}")
+    dtype = jnp.result_type(dictionary, signals)
+    check(jnp.issubdtype(dtype, jnp.floating),
+          f"dictionary and signals must be floating point, got dtype {dtype}")
+    if gram is not None:
+        check(jnp.shape(gram) == (n_atoms, n_atoms),
+              f"gram must be [{n_atoms}, {n_atoms}] (dictionary @ dictionary.T), "
+              f"got shape {tuple(jnp.shape(gram))}")
+    if tol is not None and is_concrete(tol):
+        check(float(tol) >= 0, f"tol must be >= 0 (a squared residual norm), got {tol}")
+    check_finite(signals, "signals")
+    check_finite(dictionary, "dictionary")
+    if is_concrete(dictionary) and n_atoms:
+        norms = np.linalg.norm(np.asarray(dictionary, np.float64), axis=1)
+        zero = np.flatnonzero(norms == 0)
+        check(zero.size == 0, f"dictionary atoms must have nonzero norm; atoms {zero[:8].tolist()}"
+                              f" are zero")
+    return dtype
+
+
+def omp_support(dictionary, signals, sparsity: int, *, gram=None, tol=None,
+                chunk_size: int = DEFAULT_CHUNK):
+    """Sparse codes in compact form: (support [n, sparsity] int32, -1 where unused; values).
+
+    With `tol`, a signal stops as soon as its residual's squared norm is <= tol, and at `sparsity`
+    atoms at the latest (sklearn's tol mode has no cap: pass sparsity = min(dim, n_atoms) to match
+    it). Signals are coded `chunk_size` at a time, so working memory is bounded by the chunk, not
+    by n; the compact output is n · sparsity values (dense `omp` codes are n · n_atoms).
+    """
+    dtype = check_inputs(dictionary, signals, sparsity, gram, tol)
+    dictionary = jnp.asarray(dictionary, dtype)
+    signals = jnp.asarray(signals, dtype)
+    if gram is None:
+        gram = dictionary @ dictionary.T
+    check(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
+    return omp_support_unchecked(dictionary, signals, gram, 0.0 if tol is None else tol,
+                                 sparsity=int(sparsity), use_tol=tol is not None,
+                                 chunk_size=int(chunk_size))
+
+
+@functools.partial(jax.jit, static_argnames=("n_atoms",))
+def codes_from_support(support, values, n_atoms: int):
+    """Dense codes [n, n_atoms] from the compact (support, values) form."""
+    chex.assert_equal_shape([support, values])
+    n = support.shape[0]
+    dense = jnp.zeros((n, n_atoms), values.dtype)
+    rows = jnp.arange(n)[:, None]
+    # Empty slots point at atom 0 with value 0, so the scatter-add leaves them out.
+    return dense.at[rows, jnp.maximum(support, 0)].add(jnp.where(support >= 0, values, 0.0))
+
+
+def omp(dictionary, signals, sparsity: int, *, gram=None, tol=None,
+        chunk_size: int = DEFAULT_CHUNK):
+    """Codes [n, n_atoms] with codes @ dictionary ≈ signals, as sklearn's sparse_encode(omp)."""
+    support, values = omp_support(dictionary, signals, sparsity, gram=gram, tol=tol,
+                                  chunk_size=chunk_size)
+    return codes_from_support(support, values, jnp.shape(dictionary)[0])
+
+
+@jax.jit
+def reconstruct_signals(dictionary, support, values):
+    """codes @ dictionary from the compact form, without building dense codes."""
+    chex.assert_equal_shape([support, values])
+    atoms = jnp.take(dictionary, jnp.maximum(support, 0), axis=0)      # [n, k, dim]
+    return jnp.einsum("nk,nkd->nd", jnp.where(support >= 0, values, 0.0), atoms)
+
+
+@jax.jit
+def least_squares_on_support(dictionary, signals, support):
+    """Least-squares values on a fixed support: argmin_v ‖x − Σ_j v_j D[s_j]‖² per signal.
+
+    support [n, k] int (-1 = unused slot), as returned by `omp_support`; returns values [n, k].
+    Differentiable in `dictionary` and `signals`: with OMP's support held fixed this is exactly
+    OMP's output, so it is the exact-gradient part of a BPDA attack on sparse coding. (Support as
+    indices rather than a mask: a mask over all atoms would need an n_atoms² solve per signal.)
+    """
+    chex.assert_rank([dictionary, signals, support], [2, 2, 2])
+    used = support >= 0
+    atoms = jnp.take(dictionary, jnp.maximum(support, 0), axis=0)
+    atoms = jnp.where(used[:, :, None], atoms, 0.0)                     # [n, k, dim]
+    gram = jnp.einsum("nid,njd->nij", atoms, atoms)
+    # Unused slots get an identity row/column so the system stays nonsingular and their value is 0.
+    k = support.shape[1]
+    gram = gram + jnp.eye(k, dtype=gram.dtype) * (~used)[:, None, :]
+    rhs = jnp.einsum("nkd,nd->nk", atoms, signals)
+    return jnp.linalg.solve(gram, rhs[..., None])[..., 0]
