@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.test_per_class = 0
     c.data.crop_pad = 4              # random-crop padding (pixels, reflect)
     c.data.flip = True
+    c.data.image_size = (32, 32)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "small_cnn"       # small_cnn | resnet18 | wide_resnet
@@ -40,6 +41,54 @@ def base_config() -> ml_collections.ConfigDict:
     c.baseline.schedule = "onecycle"  # onecycle | cosine | constant
     c.baseline.warmup_fraction = 0.2
     c.baseline.label_smoothing = 0.2
+
+    # Stage 2: adaptive clustering of baseline latents.
+    c.cluster = ml_collections.ConfigDict()
+    c.cluster.k_max = 8
+    c.cluster.criterion = "silhouette"  # silhouette | bic
+    c.cluster.threshold = 0.1        # best silhouette below this: k = 1 (see srdjax/kmeans.py)
+    c.cluster.only_correct = True    # cluster only latents the baseline classifies correctly
+    c.cluster.n_init = 4             # k-means restarts
+    c.cluster.covariance = False     # also fit shrunk full covariances (Mahalanobis)
+    c.cluster.shrinkage = 0.1
+    c.cluster.distance = "sigma"     # sigma | mahalanobis: how purify picks the nearest cluster
+
+    # Stage 3: frequency split and semantic reconstruction dictionaries.
+    c.frequency = ml_collections.ConfigDict()
+    c.frequency.method = "tikhonov"  # tikhonov | gaussian
+    c.frequency.lam = 5.0            # Tikhonov λ [uGuard]
+    c.frequency.pad = 16             # symmetric padding (pixels)
+    c.frequency.sigma = 2.5          # gaussian option only
+    c.dictionaries = ml_collections.ConfigDict()
+    c.dictionaries.patch_size = 8    # 8×8×3 = 192-d patches
+    c.dictionaries.stride = 1        # overlapping patches (learning and purification)
+    c.dictionaries.n_atoms = 256
+    c.dictionaries.sparsity = 8
+    c.dictionaries.n_iter = 10
+    c.dictionaries.max_patches_per_cluster = 20000
+    c.dictionaries.method = "ksvd"   # ksvd | mod
+
+    # Stage 4: robust model (and the λ = 0 PGD-AT comparison, stage "pgd_at").
+    c.robust = ml_collections.ConfigDict()
+    c.robust.epochs = 10
+    c.robust.batch_size = 256
+    c.robust.lr = 0.05
+    c.robust.momentum = 0.9
+    c.robust.nesterov = True
+    c.robust.weight_decay = 5e-4
+    c.robust.schedule = "cosine"
+    c.robust.warmup_fraction = 0.1
+    c.robust.label_smoothing = 0.0
+    c.robust.attack = "pgd"
+    c.robust.eps = 8.0               # L∞ budget, in /255 units
+    c.robust.step_size = 2.0         # /255
+    c.robust.attack_steps = 10
+    c.robust.latent_weight = 0.3     # λ [uGuard]
+    c.robust.distance = "sigma"      # sigma | mahalanobis (needs cluster.covariance)
+
+    # Stage 5: purification.
+    c.purify = ml_collections.ConfigDict()
+    c.purify.image_chunk = 16        # images OMP-coded together (bounds memory)
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator = ""   # host:port; empty: from the environment, or single process

@@ -3,6 +3,7 @@
     python train.py --config configs/smoke.py --config.workdir=/tmp/srdjax_smoke
 
 Accuracy is meaningless at this size; the point is that every stage runs and checkpoints.
+Runs every stage (baseline, cluster, dictionaries, robust, pgd_at) in well under 2 minutes.
 """
 from configs.common import base_config
 
@@ -13,7 +14,19 @@ def get_config():
     c.data.train_per_class = 20
     c.data.test_per_class = 10
     c.model.kwargs.widths = (8, 8, 16, 16)
+    c.stages = ("baseline", "cluster", "dictionaries", "robust", "pgd_at")
     c.baseline.epochs = 2
     c.baseline.batch_size = 50
     c.eval_batch_size = 100
+    c.cluster.k_max = 3
+    c.cluster.n_init = 2
+    c.cluster.only_correct = False   # a 2-epoch model gets too few right to cluster per class
+    c.dictionaries.n_atoms = 32
+    c.dictionaries.sparsity = 4
+    c.dictionaries.n_iter = 2
+    c.dictionaries.stride = 4
+    c.dictionaries.max_patches_per_cluster = 2000
+    c.robust.epochs = 1
+    c.robust.batch_size = 50
+    c.robust.attack_steps = 2
     return c

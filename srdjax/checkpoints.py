@@ -160,13 +160,16 @@ class StageStore:
         checkpointer.wait_until_finished()
         checkpointer.close()
 
-    def load_final(self, target):
+    def load_final(self, target=None):
         """The finished stage's result; a clear error if the stage never finished or does not
-        fit `target` (structure, shapes, dtypes and shardings)."""
+        fit `target` (structure, shapes, dtypes and shardings). Without a target the saved
+        tree comes back as nested dicts of arrays (for results whose sizes are data-dependent,
+        like the number of clusters)."""
         if not self.is_done():
             raise SrdjaxError(f"checkpoint directory {self.dir.parent} has no finished "
                               f"'{self.stage}' stage; run train.py with that stage first")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                                             target)
         checkpointer = ocp.StandardCheckpointer()
         try:
             return checkpointer.restore(self.dir / "final", abstract)

@@ -35,3 +35,22 @@ def train_main(config) -> int:
             print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in shown.items()))
     return 0
+
+
+def purify_main(argv) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="purify.py", description=__doc__)
+    parser.add_argument("inputs", nargs="+", help="image files, folders, or .npz files")
+    parser.add_argument("--checkpoint", required=True, help="a train.py workdir")
+    parser.add_argument("--output", required=True, help="folder for the purified images")
+    parser.add_argument("--classify", action="store_true",
+                        help="print baseline and robust predictions before and after")
+    parser.add_argument("--grid", default=None, help="write a before/after/difference PNG")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    quiet_logs()
+    from srdjax import imageio
+    try:
+        return imageio.purify_files(args)
+    except SrdjaxError as e:
+        return _fail(str(e))

@@ -135,10 +135,6 @@ def omp_support_unchecked(dictionary, signals, gram, tol, *, sparsity: int, use_
     return unchunk(support), unchunk(values)
 
 
-# Earlier name of the same function (srdjax.purifier still calls it).
-_omp_sparse = omp_support_unchecked
-
-
 def check_inputs(dictionary, signals, sparsity, gram=None, tol=None):
     """Shape, dtype and (on concrete arrays) value checks of OMP's inputs; returns the dtype."""
     d_shape, x_shape = jnp.shape(dictionary), jnp.shape(signals)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
 from tqdm.auto import tqdm
 
-from srdjax import parallel
+from srdjax import clusters, dictionary, frequency, parallel, robust
 from srdjax.checkpoints import StageStore, atomic_write_json
 from srdjax.checks import SrdjaxError, check
 from srdjax.data import Dataset, load_dataset
@@ -128,8 +129,121 @@ def run_baseline(ctx: Context, stop_after_steps=None):
                             stop_after_steps=stop_after_steps)
 
 
+def _train_latents(ctx: Context, stage: str):
+    """Logits and latents of every training image (no augmentation) under a classifier stage."""
+    graphdef, params, stats = load_classifier(ctx, stage)
+    predict = training.make_predict(graphdef, ctx.mesh)
+    return training.predict_dataset(predict, params, stats, ctx.dataset("train"), ctx.mesh,
+                                    ctx.config.eval_batch_size, desc=f"{stage} latents")
+
+
+def run_cluster(ctx: Context, stop_after_steps=None):
+    """Stage 2: adaptive k-means of each class's baseline latents."""
+    cfg, section = ctx.config, ctx.config.cluster
+    store = ctx.store("cluster")
+    logits, latents = _train_latents(ctx, "baseline")
+    labels = ctx.dataset("train").y
+    mask = (logits.argmax(-1) == labels) if section.only_correct else None
+    cluster_set, assignment, info = clusters.fit_clusters(
+        jax.random.key(cfg.seed), latents, labels, cfg.model.num_classes, k_max=section.k_max,
+        criterion=section.criterion, threshold=section.threshold, mask=mask,
+        covariance=section.covariance, shrinkage=section.shrinkage, n_init=section.n_init)
+    # Images left out of the fit (misclassified ones) still need a cluster for the robust
+    # stage: the nearest one of their own class.
+    own = np.asarray(clusters.assign(cluster_set, latents, labels, section.distance))
+    full = np.where(assignment >= 0, assignment, own).astype(np.int32)
+    store.save_final({"clusters": clusters.to_tree(cluster_set),
+                      "assignment": np.asarray(assignment, np.int32), "full_assignment": full})
+    k_per_class = np.bincount(np.asarray(cluster_set.class_ids),
+                              minlength=cfg.model.num_classes).tolist()
+    summary = {"k_per_class": k_per_class, "n_clusters": int(sum(k_per_class)),
+               "n_clustered": int(np.sum(assignment >= 0)), **info}
+    store.mark_done(summary)
+    ctx.log(f"[cluster] k per class {k_per_class} ({summary['n_clusters']} clusters)")
+    return summary
+
+
+def load_clusters(ctx: Context):
+    """(ClusterSet, assignment of fitted images (-1: left out), assignment of every image)."""
+    tree = ctx.store("cluster").load_final()
+    return (clusters.from_tree(tree["clusters"]), np.asarray(tree["assignment"]),
+            np.asarray(tree["full_assignment"]))
+
+
+def frequency_options(config) -> dict:
+    f = config.frequency
+    return dict(method=f.method, lam=f.lam, pad=f.pad, sigma=f.sigma)
+
+
+def high_frequency(ctx: Context, x_u8: np.ndarray, chunk: int = 1000) -> np.ndarray:
+    """H(x) = x − L(x) of uint8 images, as float32, computed a chunk at a time."""
+    opts = frequency_options(ctx.config)
+    out = [np.asarray(frequency.split(np.asarray(x_u8[i:i + chunk], np.float32) / 255.0,
+                                      **opts)[1])
+           for i in range(0, len(x_u8), chunk)]
+    return np.concatenate(out) if out else np.zeros((0,) + x_u8.shape[1:], np.float32)
+
+
+def load_dictionaries(ctx: Context) -> np.ndarray:
+    return np.asarray(ctx.store("dictionaries").load_final()["dictionaries"])
+
+
+def run_dictionaries(ctx: Context, stop_after_steps=None):
+    """Stage 3: one dictionary of high-frequency patches per cluster."""
+    cfg, section = ctx.config, ctx.config.dictionaries
+    store = ctx.store("dictionaries")
+    cluster_set, assignment, _ = load_clusters(ctx)
+    train = ctx.dataset("train")
+    keep = np.flatnonzero(assignment >= 0)
+    high = high_frequency(ctx, train.x[keep])
+    dictionaries, histories = dictionary.learn_cluster_dictionaries(
+        jax.random.key(cfg.seed + 1), high, assignment[keep], int(cluster_set.means.shape[0]),
+        patch_size=section.patch_size, stride=section.stride, n_atoms=section.n_atoms,
+        sparsity=section.sparsity, n_iter=section.n_iter,
+        max_patches_per_cluster=section.max_patches_per_cluster, method=section.method)
+    store.save_final({"dictionaries": np.asarray(dictionaries, np.float32)})
+    errors = [float(h[-1]) if len(h) else None for h in histories]
+    summary = {"n_dictionaries": len(errors), "final_relative_error": errors}
+    store.mark_done(summary)
+    ctx.log(f"[dictionaries] {len(errors)} dictionaries; relative error "
+            f"{np.nanmean([e for e in errors if e is not None]):.3f} (mean)")
+    return summary
+
+
+def _run_robust(ctx: Context, stage: str, latent_weight: float, stop_after_steps=None):
+    """Stage 4 (`robust`), and with λ = 0 the PGD-AT comparison model (`pgd_at`): the same
+    network, data, attack and budget, both initialised from the baseline."""
+    section = ctx.config.robust.copy_and_resolve_references()
+    section.latent_weight = latent_weight
+    eps, step_size = robust.check_section(section)
+    _, params, stats = load_classifier(ctx, "baseline")
+    extras, cluster_set = {}, None
+    if latent_weight > 0:
+        cluster_set, _, full = load_clusters(ctx)
+        cluster_set = parallel.replicate(ctx.mesh, cluster_set)
+        extras = {"cluster": robust.training_assignments(full)}
+
+    def loss_builder(graphdef):
+        return robust.make_robust_loss(graphdef, section, cluster_set, eps, step_size)
+
+    return train_classifier(ctx, stage, section, loss_builder, init=(params, stats),
+                            extras=extras, stop_after_steps=stop_after_steps)
+
+
+def run_robust(ctx: Context, stop_after_steps=None):
+    return _run_robust(ctx, "robust", ctx.config.robust.latent_weight, stop_after_steps)
+
+
+def run_pgd_at(ctx: Context, stop_after_steps=None):
+    return _run_robust(ctx, "pgd_at", 0.0, stop_after_steps)
+
+
 STAGES = {
     "baseline": run_baseline,
+    "cluster": run_cluster,
+    "dictionaries": run_dictionaries,
+    "robust": run_robust,
+    "pgd_at": run_pgd_at,
 }
 
 
@@ -183,3 +297,7 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     if not path.exists():
         raise SrdjaxError(f"{workdir} is not an srdjax checkpoint directory (no config.json)")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def class_names(config) -> tuple[str, ...]:
+    return load_dataset(config.data, "test", config.seed).classes
