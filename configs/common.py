@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.cluster.n_init = 4             # k-means restarts
     c.cluster.covariance = False     # also fit shrunk full covariances (Mahalanobis)
     c.cluster.shrinkage = 0.1
+    c.cluster.min_std_fraction = 0.1  # σ floor: this fraction of the latents' mean std
     c.cluster.distance = "sigma"     # sigma | mahalanobis: how purify picks the nearest cluster
 
     # Stage 3: frequency split and semantic reconstruction dictionaries.

@@ -144,29 +144,46 @@ def run_cluster(ctx: Context, stop_after_steps=None):
     logits, latents = _train_latents(ctx, "baseline")
     labels = ctx.dataset("train").y
     mask = (logits.argmax(-1) == labels) if section.only_correct else None
+    # σ floor relative to the latents' overall spread: a cluster of a few near-identical
+    # points must not get a near-zero σ, whose σ-normalised distances (and the robust stage's
+    # gradients) would explode.
+    min_std = float(section.min_std_fraction * latents.std(0).mean())
     cluster_set, assignment, info = clusters.fit_clusters(
         jax.random.key(cfg.seed), latents, labels, cfg.model.num_classes, k_max=section.k_max,
-        criterion=section.criterion, threshold=section.threshold, mask=mask,
+        criterion=section.criterion, threshold=section.threshold, mask=mask, min_std=min_std,
         covariance=section.covariance, shrinkage=section.shrinkage, n_init=section.n_init)
+    assignment = np.asarray(assignment)
     # Images left out of the fit (misclassified ones) still need a cluster for the robust
     # stage: the nearest one of their own class.
     own = np.asarray(clusters.assign(cluster_set, latents, labels, section.distance))
     full = np.where(assignment >= 0, assignment, own).astype(np.int32)
-    store.save_final({"clusters": clusters.to_tree(cluster_set),
+    store.save_final({"clusters": _clusters_to_tree(cluster_set),
                       "assignment": np.asarray(assignment, np.int32), "full_assignment": full})
     k_per_class = np.bincount(np.asarray(cluster_set.class_ids),
                               minlength=cfg.model.num_classes).tolist()
     summary = {"k_per_class": k_per_class, "n_clusters": int(sum(k_per_class)),
-               "n_clustered": int(np.sum(assignment >= 0)), **info}
+               "n_clustered": int(np.sum(assignment >= 0)), "criterion": info["criterion"],
+               "samples_per_class": info["samples"].tolist(),
+               "scores_per_k": np.where(np.isnan(info["scores"]), None,
+                                        np.round(info["scores"], 5)).tolist()}
     store.mark_done(summary)
     ctx.log(f"[cluster] k per class {k_per_class} ({summary['n_clusters']} clusters)")
     return summary
 
 
+def _clusters_to_tree(cluster_set) -> dict:
+    """A ClusterSet as a dict of arrays (absent optional fields left out) for orbax."""
+    return {k: np.asarray(v) for k, v in vars(cluster_set).items() if v is not None}
+
+
+def _clusters_from_tree(tree) -> "clusters.ClusterSet":
+    return clusters.ClusterSet(**{k: jax.numpy.asarray(v) for k, v in tree.items()})
+
+
 def load_clusters(ctx: Context):
     """(ClusterSet, assignment of fitted images (-1: left out), assignment of every image)."""
     tree = ctx.store("cluster").load_final()
-    return (clusters.from_tree(tree["clusters"]), np.asarray(tree["assignment"]),
+    return (_clusters_from_tree(tree["clusters"]), np.asarray(tree["assignment"]),
             np.asarray(tree["full_assignment"]))
 
 

@@ -8,3 +8,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=2").strip()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory):
+    """One run of every stage of configs/smoke.py, shared by the tests that read its result."""
+    from srdjax import stages
+    from tests.helpers import smoke_config
+    workdir = tmp_path_factory.mktemp("smoke_all")
+    stages.run(smoke_config(workdir))
+    return workdir

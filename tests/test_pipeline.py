@@ -1,4 +1,5 @@
 """The stage runner end to end on the smoke config: checkpoints, skipping, kill and resume."""
+import json
 import subprocess
 import sys
 
@@ -18,30 +19,40 @@ def _final_params(workdir, stage="baseline"):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("smoke")
-    summaries = stages.run(smoke_config(workdir))
-    return workdir, summaries
+def finished(smoke_workdir):
+    return smoke_workdir, json.loads((smoke_workdir / "summary.json").read_text())
 
 
-def test_smoke_run_checkpoints_and_a_second_run_skips(finished):
+def test_smoke_run_checkpoints_every_stage_and_a_second_run_skips(finished):
     workdir, summaries = finished
-    assert (workdir / "baseline" / "DONE.json").exists()
+    for stage in ("baseline", "cluster", "dictionaries", "robust", "pgd_at"):
+        assert (workdir / stage / "DONE.json").exists(), stage
+        assert (workdir / stage / "final").is_dir(), stage
     assert (workdir / "baseline" / "curves.png").exists()
     assert 0.0 <= summaries["baseline"]["test_acc"] <= 1.0
     assert summaries["baseline"]["n_test"] == 100 and summaries["baseline"]["n_train"] == 200
-    mtime = (workdir / "baseline" / "DONE.json").stat().st_mtime
+    assert summaries["cluster"]["n_clustered"] == 200
+    assert len(summaries["cluster"]["k_per_class"]) == 10
+    assert summaries["dictionaries"]["n_dictionaries"] == summaries["cluster"]["n_clusters"]
+    mtime = (workdir / "robust" / "DONE.json").stat().st_mtime
     again = stages.run(smoke_config(workdir))
     assert again["baseline"]["test_acc"] == summaries["baseline"]["test_acc"]
-    assert (workdir / "baseline" / "DONE.json").stat().st_mtime == mtime
+    assert (workdir / "robust" / "DONE.json").stat().st_mtime == mtime
 
 
-def test_killed_run_resumes_to_the_same_parameters(finished, tmp_path):
-    reference = _final_params(finished[0])
-    stages.run(smoke_config(tmp_path), stop_after_steps=3)  # mid-epoch "kill"
-    assert not (tmp_path / "baseline" / "DONE.json").exists()
-    stages.run(smoke_config(tmp_path))
-    resumed = _final_params(tmp_path)
+@pytest.mark.parametrize("stage,kill_at", [("baseline", 3), ("robust", 2)])
+def test_killed_run_resumes_to_the_same_parameters(finished, tmp_path, stage, kill_at):
+    """Stages before `stage` are copied from the finished run; `stage` is killed mid-epoch
+    (after `kill_at` steps), resumed, and must end where the uninterrupted run ended."""
+    import shutil
+    order = ("baseline", "cluster", "dictionaries", "robust")
+    for before in order[:order.index(stage)]:
+        shutil.copytree(finished[0] / before, tmp_path / before)
+    config = smoke_config(tmp_path, stages=(stage,))
+    stages.run(config, stop_after_steps=kill_at)
+    assert not (tmp_path / stage / "DONE.json").exists()
+    stages.run(config)
+    reference, resumed = _final_params(finished[0], stage), _final_params(tmp_path, stage)
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 

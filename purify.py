@@ -1,0 +1,19 @@
+"""Purify image files with a trained srdjax checkpoint.
+
+    python purify.py --checkpoint runs/cifar10_quick --output purified/ img1.png photos/ batch.npz
+    python purify.py --checkpoint runs/cifar10_quick --output out/ --classify --grid out/grid.png x.npz
+
+Inputs: PNG/JPEG files, folders of them, or .npz files with an `x` array (uint8 NHWC).
+Outputs: one purified PNG per input image (same name), and optionally a classification table
+and a before / after / difference grid.
+"""
+import os
+import sys
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                               f"device_count={max(1, min(8, os.cpu_count() or 1))}").strip()
+
+if __name__ == "__main__":
+    from srdjax import cli
+    sys.exit(cli.purify_main(sys.argv[1:]))

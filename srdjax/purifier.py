@@ -1,0 +1,249 @@
+"""Stage 5: purification, and the whole defense as one differentiable function.
+
+    purify(x) = clip(L(x) + Ĥ, 0, 1),  Ĥ = patches⁻¹( OMP_{D_k*}( patches(H(x)) ) ),
+    k* = argmin_k d(z_g(x), N_k)  over every cluster of every class,
+
+with (L, H) the frequency split, z_g the robust model's latent and D_k the dictionary learned
+from cluster k's images. Everything is one jitted function of (state, images); the state is a
+pytree, so `purify` can be called from, and traced into, other jitted JAX code.
+
+`defense_logits` is purify followed by a classifier, with the BPDA gradient of Athalye et al.
+(2018): given the cluster choice and OMP's supports, purify is *linear* in x (split, patch
+extraction, least squares on the fixed support, overlap averaging), and the backward pass is the
+exact gradient of that linear map; the choices themselves (argmin, atom selection) pass no
+gradient and the final clip is straight-through.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from srdjax import clusters as clusters_lib
+from srdjax import dictionary as dict_lib
+from srdjax import frequency
+from srdjax import omp as omp_lib
+from srdjax.checks import check, check_images
+from srdjax.models import apply_model
+
+
+@dataclasses.dataclass(frozen=True)
+class PurifyOptions:
+    """Static choices of purification (hashable: they select the compiled program)."""
+    image_size: tuple[int, int]
+    patch_size: int = 8
+    stride: int = 1
+    sparsity: int = 8
+    split_method: str = "tikhonov"
+    lam: float = 5.0
+    pad: int = 16
+    sigma: float = 2.5
+    distance: str = "sigma"
+    image_chunk: int = 16
+
+
+@flax.struct.dataclass
+class Purifier:
+    """Robust model, cluster distributions and dictionaries, as one pytree.
+
+    `purifier(x)` is `purify(purifier, x)`."""
+    graphdef: Any = flax.struct.field(pytree_node=False)
+    options: PurifyOptions = flax.struct.field(pytree_node=False)
+    params: Any
+    batch_stats: Any
+    clusters: clusters_lib.ClusterSet
+    dictionaries: jax.Array          # [K, n_atoms, p·p·C]
+    grams: jax.Array                 # [K, n_atoms, n_atoms]
+
+    def __call__(self, x, *, return_cluster: bool = False):
+        return purify(self, x, return_cluster=return_cluster)
+
+    def latent(self, x):
+        return apply_model(self.graphdef, self.params, self.batch_stats, x)[1]
+
+
+def make_purifier(graphdef, params, batch_stats, cluster_set, dictionaries,
+                  options: PurifyOptions) -> Purifier:
+    check(dictionaries.shape[0] == cluster_set.means.shape[0],
+          f"{dictionaries.shape[0]} dictionaries for {cluster_set.means.shape[0]} clusters")
+    grams = jnp.einsum("kad,kbd->kab", dictionaries, dictionaries)
+    return Purifier(graphdef, options, params, batch_stats, cluster_set, dictionaries, grams)
+
+
+def _split(p: Purifier, x):
+    o = p.options
+    if o.split_method == "tikhonov":
+        low = frequency.tikhonov_low_pass(x, o.lam, pad=o.pad)
+    else:
+        low = frequency.gaussian_low_pass(x, sigma=o.sigma)
+    return low, x - low
+
+
+def choose_cluster(p: Purifier, x):
+    """k* per image: the cluster nearest the robust latent, over all clusters of all classes."""
+    return clusters_lib.nearest_cluster(p.latent(x), p.clusters, p.options.distance)
+
+
+def _supports(p: Purifier, k, patches):
+    """OMP supports and values of every patch, image i coded with dictionary k[i]."""
+    o = p.options
+
+    def one_image(dictionary, gram, signals):
+        return omp_lib.omp_support_unchecked(dictionary, signals, gram, 0.0, sparsity=o.sparsity,
+                                   use_tol=False, chunk_size=signals.shape[0])
+
+    def chunk(args):
+        kc, pc = args
+        return jax.vmap(one_image)(p.dictionaries[kc], p.grams[kc], pc)
+
+    n = patches.shape[0]
+    c = min(o.image_chunk, n)
+    n_chunks = -(-n // c)
+    pad = n_chunks * c - n
+    kc = jnp.pad(k, (0, pad)).reshape(n_chunks, c)
+    pc = jnp.pad(patches, ((0, pad), (0, 0), (0, 0))).reshape(n_chunks, c, *patches.shape[1:])
+    support, values = jax.lax.map(chunk, (kc, pc))
+    flat = lambda a: a.reshape(n_chunks * c, *a.shape[2:])[:n]
+    return flat(support), flat(values)
+
+
+def _rebuild(p: Purifier, low, k, support, values, shape):
+    o = p.options
+    atoms_of = p.dictionaries[k]                                        # [N, A, dim]
+    coded = jax.vmap(omp_lib.reconstruct_signals)(atoms_of, support, values)
+    high = dict_lib._reconstruct(coded, shape, o.patch_size, o.stride)
+    return low + high
+
+
+@functools.partial(jax.jit, static_argnames=("return_cluster",))
+def _purify(p: Purifier, x, return_cluster: bool = False):
+    low, high = _split(p, x)
+    k = choose_cluster(p, x)
+    patches = dict_lib._extract(high, p.options.patch_size, p.options.stride)
+    support, values = _supports(p, k, patches)
+    out = jnp.clip(_rebuild(p, low, k, support, values, x.shape[1:]), 0.0, 1.0).astype(x.dtype)
+    return (out, k) if return_cluster else out
+
+
+def check_input(p: Purifier, x) -> None:
+    check_images(x, "images")
+    h, w = p.options.image_size
+    check(tuple(x.shape[1:3]) == (h, w),
+          f"images are {x.shape[1]}x{x.shape[2]} but this purifier was built for {h}x{w}")
+
+
+def purify(p: Purifier, x, *, return_cluster: bool = False):
+    """Purified images [N, H, W, 3] in [0, 1] (and the chosen cluster [N] if asked).
+
+    Deterministic and pure; jitted. Inputs are checked when concrete (outside `jit`)."""
+    check_input(p, x)
+    return _purify(p, x, return_cluster=return_cluster)
+
+
+# ---------------------------------------------------------------------------------------------
+# The BPDA-differentiable version.
+
+def _linear_given_choices(p: Purifier, x, k, support):
+    """purify with the cluster and OMP supports held fixed: linear in x (before the clip)."""
+    low, high = _split(p, x)
+    patches = dict_lib._extract(high, p.options.patch_size, p.options.stride)
+    atoms = p.dictionaries[k]
+    values = jax.vmap(omp_lib.least_squares_on_support)(atoms, patches, support)
+    return _rebuild(p, low, k, support, values, x.shape[1:])
+
+
+@jax.custom_vjp
+def purify_bpda(p: Purifier, x):
+    """`purify` in the forward pass; in the backward pass the exact gradient of purify with the
+    cluster choice and OMP supports fixed, and straight-through for the clip."""
+    return _purify(p, x)
+
+
+def _bpda_fwd(p, x):
+    low, high = _split(p, x)
+    k = choose_cluster(p, x)
+    patches = dict_lib._extract(high, p.options.patch_size, p.options.stride)
+    support, values = _supports(p, k, patches)
+    out = jnp.clip(_rebuild(p, low, k, support, values, x.shape[1:]), 0.0, 1.0).astype(x.dtype)
+    return out, (p, x, k, support)
+
+
+def _bpda_bwd(res, g):
+    p, x, k, support = res
+    _, vjp = jax.vjp(lambda xx: _linear_given_choices(p, xx, k, support), x)
+    return _zero_cotangent(p), vjp(g)[0]
+
+
+def _zero_cotangent(tree):
+    """The attack differentiates images, never the purifier's state (integer leaves need the
+    float0 zero that JAX expects)."""
+    import numpy as np
+
+    def zero(leaf):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            return jnp.zeros_like(leaf)
+        return np.zeros(leaf.shape, jax.dtypes.float0)
+    return jax.tree.map(zero, tree)
+
+
+purify_bpda.defvjp(_bpda_fwd, _bpda_bwd)
+
+
+def defense_logits(p: Purifier, classifier, x):
+    """Logits of `classifier(purify(x))`, differentiable with the BPDA gradient.
+
+    `classifier` maps images to logits (e.g. a bound model)."""
+    return classifier(purify_bpda(p, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading from a train.py workdir.
+
+def options_from_config(config) -> PurifyOptions:
+    d, f = config.dictionaries, config.frequency
+    return PurifyOptions(image_size=tuple(config.data.image_size), patch_size=d.patch_size,
+                         stride=d.stride, sparsity=d.sparsity, split_method=f.method,
+                         lam=float(f.lam), pad=f.pad, sigma=float(f.sigma),
+                         distance=config.cluster.distance,
+                         image_chunk=config.purify.image_chunk)
+
+
+def _context(checkpoint_dir, mesh=None):
+    from srdjax import stages
+    config = stages.load_config(checkpoint_dir)
+    config.workdir = str(checkpoint_dir)  # the directory may have moved since training
+    return stages, stages.Context(config, mesh)
+
+
+def load_purifier(checkpoint_dir, mesh=None) -> Purifier:
+    """The purifier of a finished `train.py` run: its robust model, clusters and dictionaries."""
+    stages, ctx = _context(checkpoint_dir, mesh)
+    graphdef, params, stats = stages.load_classifier(ctx, "robust")
+    cluster_set, _, _ = stages.load_clusters(ctx)
+    dictionaries = jnp.asarray(stages.load_dictionaries(ctx))
+    return make_purifier(graphdef, params, stats, cluster_set, dictionaries,
+                         options_from_config(ctx.config))
+
+
+def load_defense(checkpoint_dir, classifier: str = "baseline", mesh=None):
+    """The whole defense as one jitted function images → logits (purify, then classify).
+
+    Its gradient is the BPDA gradient (see `purify_bpda`), so any gradient attack applies to it
+    as it would to a bare model. `classifier` is "baseline" or "robust"."""
+    from srdjax.checks import SrdjaxError
+    if classifier not in ("baseline", "robust"):
+        raise SrdjaxError(f"classifier must be 'baseline' or 'robust', got {classifier!r}")
+    stages, ctx = _context(checkpoint_dir, mesh)
+    purifier = load_purifier(checkpoint_dir, mesh)
+    graphdef, params, stats = stages.load_classifier(ctx, classifier)
+
+    @jax.jit
+    def logits_fn(x):
+        return defense_logits(purifier,
+                              lambda im: apply_model(graphdef, params, stats, im)[0], x)
+
+    return logits_fn
