@@ -2,9 +2,12 @@
 
     python train.py --config configs/cifar10_quick.py
 
-Baseline: SmallCNN (widths 24-32-64-128, 0.3M parameters), batch 256, SGD-Nesterov, one-cycle
-to lr 0.2, weight decay 5e-4, label smoothing 0.2, reflect-pad-2 crops and flips.
-Last run: see README "Results" (filled in from this command's summary.json).
+Stages: baseline → cluster → dictionaries → robust → pgd_at, into runs/cifar10_quick.
+Baseline: SmallCNN (widths 24-32-64-128, 0.3M parameters), 10 epochs, batch 256,
+SGD-Nesterov, one-cycle to lr 0.2, weight decay 5e-4, label smoothing 0.2, reflect-pad-2 crops
+and flips. Robust and PGD-AT: one epoch of fine-tuning from the baseline with PGD-5 at
+ε = 8/255 (step 2/255) inside the loop — the CPU budget; configs/cifar10.py trains with PGD-10.
+What it reached when last run, with the date: README "Results".
 """
 from configs.common import base_config
 
@@ -12,7 +15,10 @@ from configs.common import base_config
 def get_config():
     c = base_config()
     c.workdir = "runs/cifar10_quick"
-    c.stages = ("baseline",)
+    c.stages = ("baseline", "cluster", "dictionaries", "robust", "pgd_at")
     c.data.crop_pad = 2
     c.baseline.epochs = 10
+    c.robust.epochs = 1
+    c.robust.attack_steps = 5
+    c.robust.lr = 0.02
     return c
