@@ -10,9 +10,9 @@ and a before / after / difference grid.
 import os
 import sys
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
-                               f"device_count={max(1, min(8, os.cpu_count() or 1))}").strip()
+from srdjax import xla_env  # noqa: E402  (before anything imports jax)
+
+xla_env.configure()
 
 if __name__ == "__main__":
     from srdjax import cli

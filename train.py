@@ -2,14 +2,11 @@
 
 Overrides: --config.workdir=PATH --config.baseline.epochs=3 ...
 """
-import os
 import sys
 
-# On a CPU, one XLA device uses about 1.6 cores; one device per core, with the batch split
-# over them, trains 1.3-1.5x faster. This only adds host devices: GPUs and TPUs are unaffected.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
-                               f"device_count={max(1, min(8, os.cpu_count() or 1))}").strip()
+from srdjax import xla_env  # noqa: E402  (before anything imports jax)
+
+xla_env.configure()
 
 from absl import app, flags  # noqa: E402  (jax must not be imported before XLA_FLAGS is set)
 from ml_collections import config_flags

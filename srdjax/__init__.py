@@ -5,10 +5,24 @@ representations, in JAX.
     purifier = srdjax.load_purifier("runs/cifar10_quick")
     clean = purifier(images)                 # jitted; images [N, H, W, 3] in [0, 1]
     logits_fn = srdjax.load_defense("runs/cifar10_quick", classifier="robust")
-"""
-from srdjax.checks import SrdjaxError
-from srdjax.purifier import (Purifier, PurifyOptions, load_defense, load_purifier, purify,
-                             purify_bpda)
 
-__all__ = ["SrdjaxError", "Purifier", "PurifyOptions", "load_defense", "load_purifier",
-           "purify", "purify_bpda"]
+The public names load lazily, so `import srdjax.xla_env` can set XLA flags before jax loads.
+"""
+import importlib
+
+_PUBLIC = {
+    "SrdjaxError": "srdjax.checks",
+    "Purifier": "srdjax.purifier",
+    "PurifyOptions": "srdjax.purifier",
+    "load_defense": "srdjax.purifier",
+    "load_purifier": "srdjax.purifier",
+    "purify": "srdjax.purifier",
+    "purify_bpda": "srdjax.purifier",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'srdjax' has no attribute {name!r}")

@@ -8,6 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=2").strip()
+from srdjax import xla_env  # noqa: E402  (imports no jax; adds the collective timeout)
+
+xla_env.configure()
 
 
 import pytest  # noqa: E402

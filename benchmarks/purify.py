@@ -1,0 +1,92 @@
+"""Purified images per second: python benchmarks/purify.py [--checkpoint runs/cifar10_quick]
+
+Without a checkpoint, a purifier of the quick config's sizes is built from random weights
+(SmallCNN, 20 clusters, 256-atom dictionaries of 8×8×3 patches, sparsity 8, stride 1): the cost
+of purification does not depend on the values. Sizes 32 and 128 by default (`--sizes`).
+Compile time is measured separately and excluded from the throughput.
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from srdjax import xla_env  # noqa: E402  (before anything imports jax)
+
+xla_env.configure()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import machine, write_json  # noqa: E402
+from srdjax import clusters, parallel, purifier as pur  # noqa: E402
+from srdjax.models import create_model, split_model  # noqa: E402
+
+
+def random_purifier(size, n_clusters=20, n_atoms=256, patch=8, stride=1, sparsity=8,
+                    image_chunk=16):
+    graphdef, params, stats = split_model(create_model("small_cnn", 10, 0))
+    rng = np.random.default_rng(0)
+    d = 128
+    cs = clusters.ClusterSet(
+        means=jnp.asarray(rng.normal(size=(n_clusters, d)), jnp.float32),
+        stds=jnp.ones((n_clusters, d), jnp.float32),
+        class_ids=jnp.asarray(np.arange(n_clusters) % 10, jnp.int32),
+        index_in_class=jnp.asarray(np.arange(n_clusters) // 10, jnp.int32),
+        counts=jnp.ones(n_clusters, jnp.int32))
+    dic = rng.normal(size=(n_clusters, n_atoms, patch * patch * 3))
+    dic /= np.linalg.norm(dic, axis=-1, keepdims=True)
+    pad = 16 * size // 32
+    options = pur.PurifyOptions(image_size=(size, size), patch_size=patch, stride=stride,
+                                sparsity=sparsity, pad=pad, image_chunk=image_chunk)
+    return pur.make_purifier(graphdef, params, stats, cs, jnp.asarray(dic, jnp.float32), options)
+
+
+def bench(purifier, size, batch, repeats, mesh):
+    x = np.random.default_rng(1).uniform(size=(batch, size, size, 3)).astype(np.float32)
+    xb = parallel.shard_batch(mesh, x)
+    t0 = time.perf_counter()
+    jax.block_until_ready(pur._purify(purifier, xb))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(pur._purify(purifier, xb))
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {"size": size, "batch": batch, "images_per_s": batch / best, "batch_s": best,
+            "median_batch_s": float(np.median(times)), "compile_s": compile_s,
+            "patches_per_image": ((size - purifier.options.patch_size)
+                                  // purifier.options.stride + 1) ** 2,
+            "stride": purifier.options.stride}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", default=None, help="a train.py workdir (else random)")
+    ap.add_argument("--sizes", default="32,128")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stride", type=int, default=1)
+    ap.add_argument("--out", default="benchmarks/results/purify.json")
+    args = ap.parse_args()
+    mesh = parallel.make_mesh()
+    rows = []
+    for size in map(int, args.sizes.split(",")):
+        if args.checkpoint and size == 32:
+            p = pur.load_purifier(args.checkpoint)
+        else:
+            p = random_purifier(size, stride=args.stride)
+        batch = args.batch if size <= 32 else max(mesh.size, args.batch // 16)
+        row = bench(p, size, batch, args.repeats, mesh)
+        row["source"] = args.checkpoint if (args.checkpoint and size == 32) else "random"
+        rows.append(row)
+        print(f"{size:>4}x{size:<4} batch {batch:>4}  {row['images_per_s']:9.1f} images/s  "
+              f"(compile {row['compile_s']:.1f} s, {row['patches_per_image']} patches/image)")
+    write_json(args.out, {"machine": machine(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
