@@ -109,6 +109,10 @@ class StageStore:
         self.manager.wait_until_finished()
         if jax.process_index() == 0:
             atomic_write_json(self.done_path, {"fingerprint": self.fingerprint, **summary})
+        if jax.process_count() > 1:
+            # Other processes must not look for DONE.json (next stage) before it exists.
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"srdjax-done-{self.stage}")
 
     def summary(self) -> dict:
         if not self.is_done():
@@ -168,9 +172,16 @@ class StageStore:
         if not self.is_done():
             raise SrdjaxError(f"checkpoint directory {self.dir.parent} has no finished "
                               f"'{self.stage}' stage; run train.py with that stage first")
-        abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                                             target)
         checkpointer = ocp.StandardCheckpointer()
+        if target is None:
+            # Leaves come back on this process's first device, whatever topology saved them
+            # (orbax refuses an untargeted restore across topologies).
+            local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            meta = checkpointer.metadata(self.dir / "final").item_metadata
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                                   sharding=local), meta)
+        else:
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
             return checkpointer.restore(self.dir / "final", abstract)
         except Exception as e:  # orbax raises ValueError/KeyError/FileNotFoundError variously

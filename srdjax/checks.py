@@ -19,6 +19,12 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _local(x) -> bool:
+    """Whether all of x can be fetched to this host (not so for an array spread over several
+    processes: such arrays are checked with on-device reductions instead)."""
+    return not isinstance(x, jax.Array) or x.is_fully_addressable
+
+
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise SrdjaxError(message)
@@ -26,9 +32,9 @@ def check(condition: bool, message: str) -> None:
 
 def check_finite(x, name: str) -> None:
     """NaN and infinity are refused (only checked on concrete arrays)."""
-    if is_concrete(x):
-        arr = np.asarray(x)
-        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+    if is_concrete(x) and jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        finite = np.all(np.isfinite(np.asarray(x))) if _local(x) else bool(jnp.isfinite(x).all())
+        if not finite:
             raise SrdjaxError(f"{name} contains NaN or infinite values")
 
 
@@ -43,9 +49,9 @@ def check_images(x, name: str = "images", *, channels: int | None = 3) -> None:
     check(jnp.issubdtype(dtype, jnp.floating),
           f"{name} must be floating point in [0, 1], got dtype {dtype}")
     if is_concrete(x):
-        arr = np.asarray(x)
-        check_finite(arr, name)
-        if arr.size:
+        check_finite(x, name)
+        if jnp.size(x):
+            arr = np.asarray(x) if _local(x) else x
             lo, hi = float(arr.min()), float(arr.max())
             check(lo >= 0.0 and hi <= 1.0,
                   f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")

@@ -37,6 +37,18 @@ def train_main(config) -> int:
     return 0
 
 
+def evaluate_main(config) -> int:
+    from srdjax import evaluation
+    quiet_logs()
+    try:
+        result = evaluation.evaluate(config)
+    except SrdjaxError as e:
+        return _fail(str(e))
+    print(evaluation.render_markdown(result))
+    print(f"written to {result['workdir']}/evaluation/")
+    return 0
+
+
 def purify_main(argv) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="purify.py", description=__doc__)

@@ -77,7 +77,7 @@ class SmallCNN(nnx.Module):
         for group in self.groups:
             x = group(x)
         latent = jnp.max(x, axis=(1, 2)).astype(jnp.float32)
-        return self.head(latent) * self.head_scale, latent
+        return (self.head(latent) * self.head_scale).astype(jnp.float32), latent
 
 
 class BasicBlock(nnx.Module):

@@ -37,7 +37,8 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise SrdjaxError(f"environment variable {name} must be an integer, got {value!r}") from None
+        raise SrdjaxError(f"environment variable {name} must be an integer, "
+                          f"got {value!r}") from None
 
 
 def _parse_address(address: str) -> tuple[str, int]:
@@ -48,7 +49,8 @@ def _parse_address(address: str) -> tuple[str, int]:
     try:
         socket.getaddrinfo(host, int(port))
     except OSError:
-        raise SrdjaxError(f"coordinator host {host!r} (from {address!r}) does not resolve") from None
+        raise SrdjaxError(f"coordinator host {host!r} (from {address!r}) "
+                          "does not resolve") from None
     return host, int(port)
 
 

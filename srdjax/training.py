@@ -105,7 +105,7 @@ def predict_dataset(predict, params, batch_stats, ds: Dataset, mesh, batch_size:
     for start in tqdm(range(0, len(ds), batch_size), desc=desc, leave=False,
                       disable=desc is None or not parallel.is_main_process()):
         xb, n = parallel.pad_to_multiple(ds.x[start:start + batch_size], mesh.size)
-        lo, z = predict(params, batch_stats, parallel.shard_batch(mesh, xb))
+        lo, z = predict(params, batch_stats, parallel.shard_global(mesh, xb))
         logits.append(parallel.to_host(lo)[:n])
         latents.append(parallel.to_host(z)[:n])
     return np.concatenate(logits), np.concatenate(latents)

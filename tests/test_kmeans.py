@@ -105,6 +105,17 @@ def test_adaptive_scores_match_direct_computation():
     assert float(res.scores[int(res.k) - 1]) == pytest.approx(sk_silhouette(x, chosen), abs=1e-4)
 
 
+def test_vmapped_and_sequential_runs_agree():
+    # the same starts, batched in lockstep (accelerator default) or one after another (CPU)
+    x, _ = make_blobs(400, n_features=6, centers=4, random_state=5)
+    for criterion in ("silhouette", "bic"):
+        runs = [km.adaptive_kmeans(jax.random.key(2), x, 5, criterion=criterion, n_init=2,
+                                   vectorize=v) for v in (False, True)]
+        assert int(runs[0].k) == int(runs[1].k) == 4
+        np.testing.assert_allclose(runs[0].inertias, runs[1].inertias, rtol=1e-5)
+        np.testing.assert_allclose(runs[0].scores, runs[1].scores, rtol=1e-5)
+
+
 def test_empty_clusters_never_nan():
     rng = np.random.default_rng(0)
     x = np.repeat(rng.normal(size=(3, 4)), 5, axis=0)  # 3 distinct points, k = 6

@@ -69,12 +69,18 @@ def runs(tmp_path_factory):
     procs = [_start("--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
                     "--process-id", i, "--out", tmp / "out", "--ckpt-dir", tmp / "ckpt",
                     "--timeout", 60) for i in range(2)]
-    # The reference is computed while the workers run: they spend part of the time waiting.
-    reference = worker.run_all(parallel.make_mesh())
-    deadline = time.monotonic() + PROCESS_TIMEOUT_S
-    for proc in procs:
-        rc, err = _finish(proc, max(1.0, deadline - time.monotonic()))
-        assert rc == 0, f"worker failed (rc {rc}):\n{err[-3000:]}"
+    try:
+        # The reference is computed while the workers run: they spend part of the time waiting.
+        reference = worker.run_all(parallel.make_mesh())
+        deadline = time.monotonic() + PROCESS_TIMEOUT_S
+        for proc in procs:
+            rc, err = _finish(proc, max(1.0, deadline - time.monotonic()))
+            assert rc == 0, f"worker failed (rc {rc}):\n{err[-3000:]}"
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     results = []
     for i in range(2):
         with np.load(tmp / "out" / f"process{i}.npz", allow_pickle=False) as f:
@@ -94,7 +100,8 @@ def test_train_step_matches_one_process(runs):
     p0, _, ref, _ = runs
     keys = [k for k in ref if k.startswith("train/")]
     assert len(keys) > 10 and set(keys) <= set(p0)
-    assert ref["train/loss"][1] < ref["train/loss"][0] + 1.0  # a real, finite step
+    loss = ref["train/loss"]
+    assert np.all(np.isfinite(loss)) and loss[1] != loss[0]  # the first step changed the model
     for key in keys:
         # The two-device sums run in another order only at the last bit: float32 agreement.
         np.testing.assert_allclose(p0[key], ref[key], rtol=2e-5, atol=2e-6, err_msg=key)
@@ -242,9 +249,7 @@ def test_bfloat16_train_step_runs_with_float32_parameters():
 
 
 @pytest.mark.parametrize("name, kwargs", [
-    pytest.param("small_cnn", dict(widths=(8, 16, 16)), marks=pytest.mark.xfail(
-        strict=True, reason="SmallCNN returns the bf16 head output; models.py needs "
-                            "`.astype(jnp.float32)` on its logits (see docs/scaling.md)")),
+    ("small_cnn", dict(widths=(8, 16, 16))),
     ("resnet18", dict(width=4)),
     ("wide_resnet", dict(depth=10, width=1)),
 ])
