@@ -11,7 +11,7 @@ from configs.common import base_config
 def get_config():
     c = base_config()
     c.workdir = "runs/cifar10"
-    c.stages = ("baseline", "cluster", "dictionaries", "robust", "pgd_at")
+    c.stages = ("baseline", "cluster", "dictionaries", "robust", "pgd_at", "purify")
     c.model.name = "resnet18"
     c.model.kwargs.stem = "cifar"
     c.baseline.epochs = 100

@@ -2,7 +2,8 @@
 
     python train.py --config configs/cifar10_quick.py
 
-Stages: baseline → cluster → dictionaries → robust → pgd_at, into runs/cifar10_quick.
+Stages: baseline → cluster → dictionaries → robust → pgd_at → purify (test-set report), into
+runs/cifar10_quick.
 Baseline: SmallCNN (widths 24-32-64-128, 0.3M parameters), 10 epochs, batch 256,
 SGD-Nesterov, one-cycle to lr 0.2, weight decay 5e-4, label smoothing 0.2, reflect-pad-2 crops
 and flips. Robust and PGD-AT: one epoch of fine-tuning from the baseline with PGD-5 at
@@ -15,7 +16,7 @@ from configs.common import base_config
 def get_config():
     c = base_config()
     c.workdir = "runs/cifar10_quick"
-    c.stages = ("baseline", "cluster", "dictionaries", "robust", "pgd_at")
+    c.stages = ("baseline", "cluster", "dictionaries", "robust", "pgd_at", "purify")
     c.data.crop_pad = 2
     c.baseline.epochs = 10
     c.robust.epochs = 1

@@ -91,6 +91,36 @@ def base_config() -> ml_collections.ConfigDict:
     c.purify = ml_collections.ConfigDict()
     c.purify.image_chunk = 16        # images OMP-coded together (bounds memory)
 
+    # Stage 6: honest evaluation (evaluate.py): every defense under every attack, per image.
+    c.evaluate = ml_collections.ConfigDict()
+    c.evaluate.test_per_class = 0    # 0: the whole test set; else a seeded class-balanced subset
+    c.evaluate.defenses = ("none", "jpeg", "bit_depth", "blur", "pgd_at", "robust",
+                           "srd_baseline", "srd_robust")
+    c.evaluate.attacks = ("fgsm", "pgd20", "pgd100", "apgd-ce", "apgd-dlr", "square",
+                          "transfer", "selector", "surrogate")
+    c.evaluate.norm = "linf"         # linf | l2 (square is L∞ only)
+    c.evaluate.eps = 8 / 255         # pixel units in [0, 1], unlike robust.eps (/255)
+    c.evaluate.eps_list = (0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255)  # the curve (0 always run)
+    c.evaluate.curve_attack = "pgd20"  # for the curve and the unbounded (ε = 1) sanity check
+    c.evaluate.curve_per_class = 0   # curve and sanity checks on this many per class (0: all)
+    c.evaluate.batch_size = 200      # fixed: the last batch is padded, attacks compile once
+    c.evaluate.seed = 0              # test subset and attack randomness
+    c.evaluate.jpeg_quality = 75
+    c.evaluate.bit_depth = 4         # bits per channel
+    c.evaluate.blur_sigma = 1.0      # pixels
+    c.evaluate.pgd20_steps = 20
+    c.evaluate.pgd100_steps = 100
+    c.evaluate.pgd100_restarts = 2
+    c.evaluate.apgd_steps = 100      # APGD-CE and APGD-DLR
+    c.evaluate.square_queries = 1000
+    c.evaluate.transfer_steps = 100  # PGD on the undefended baseline, then fed to each defense
+    c.evaluate.selector_steps = 100  # PGD pushing the robust latent to a wrong class's cluster
+    c.evaluate.surrogate_steps = 100  # PGD through the soft-cluster surrogate of purify
+    c.evaluate.surrogate_top = 3     # clusters mixed by the surrogate
+    c.evaluate.surrogate_temperature = 1.0  # softmax(-d / (T * latent dim)) weights
+    c.evaluate.eot_samples = 1       # EOT draws for defenses flagged random (none is)
+    c.evaluate.unbounded_max = 0.10  # sanity: flag a defense above this at ε = 1
+
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator = ""   # host:port; empty: from the environment, or single process
     c.distributed.num_processes = 0

@@ -14,7 +14,7 @@ def get_config():
     c.data.train_per_class = 20
     c.data.test_per_class = 10
     c.model.kwargs.widths = (8, 8, 16, 16)
-    c.stages = ("baseline", "cluster", "dictionaries", "robust", "pgd_at")
+    c.stages = ("baseline", "cluster", "dictionaries", "robust", "pgd_at", "purify")
     c.baseline.epochs = 2
     c.baseline.batch_size = 50
     c.eval_batch_size = 100
@@ -29,4 +29,15 @@ def get_config():
     c.robust.epochs = 1
     c.robust.batch_size = 50
     c.robust.attack_steps = 2
+    # A tiny evaluation: python evaluate.py --config configs/smoke.py --config.workdir=...
+    c.evaluate.test_per_class = 2
+    c.evaluate.batch_size = 10
+    c.evaluate.eps_list = (0.0, 8 / 255)
+    c.evaluate.pgd20_steps = 2
+    c.evaluate.pgd100_steps = 3
+    c.evaluate.apgd_steps = 3
+    c.evaluate.square_queries = 5
+    c.evaluate.transfer_steps = 2
+    c.evaluate.selector_steps = 2
+    c.evaluate.surrogate_steps = 2
     return c

@@ -107,6 +107,7 @@ class StageStore:
 
     def mark_done(self, summary: dict) -> None:
         self.manager.wait_until_finished()
+        self._record_config()
         if jax.process_index() == 0:
             atomic_write_json(self.done_path, {"fingerprint": self.fingerprint, **summary})
         if jax.process_count() > 1:

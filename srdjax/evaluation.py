@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
@@ -211,6 +212,24 @@ def attack_images(name: str, d: Defense, x, y, *, eps, key, s: Settings):
     return attacks.pgd(surrogate, x, y, steps=s.surrogate_steps, **common)
 
 
+@functools.lru_cache(maxsize=None)
+def _sharded_attack(name: str, s: Settings, mesh):
+    """attack_images as one jitted program per attack, run on every device's part of the batch.
+
+    Attacks are per image, so running them per device changes nothing but where they run; it
+    also sidesteps an XLA CPU bug: jit over a batch sharded by SPMD partitioning fails with
+    "fft_thunk ... IsMonotonicWithDim0Major" when PGD loops over purify_bpda's FFT gradient.
+    (check_vma=False: the attack loops carry per-device values in replicated-looking carries.)"""
+    axis = mesh.axis_names[0]
+
+    def run(d, x, y, key, eps):
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+        return attack_images(name, d, x, y, eps=eps, key=key, s=s)
+
+    return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P(axis), P(axis), P(), P()),
+                                 out_specs=P(axis), check_vma=False))
+
+
 def applies(attack: str, d: Defense) -> bool:
     return attack not in PURIFIER_ONLY or d.transform == "purify"
 
@@ -251,7 +270,7 @@ def attack_matrix(built: dict, attack_names, x, y, *, eps: float, s: Settings, m
     bar = tqdm(total=len(cells) * len(batches), desc=desc, unit="batch", dynamic_ncols=True,
                disable=not parallel.is_main_process())
     for attack, name in cells:
-        d = built[name]
+        d, run = built[name], _sharded_attack(attack, s, mesh)
         bar.set_postfix_str(f"{name} × {attack}")
         start_time, parts = time.time(), []
         for b, (lo, hi) in enumerate(batches):
@@ -260,11 +279,10 @@ def attack_matrix(built: dict, attack_names, x, y, *, eps: float, s: Settings, m
             if attack in ("transfer", "selector"):
                 if (attack, b) not in shared:
                     target = source if attack == "transfer" else d
-                    shared[attack, b] = attack_images(attack, target, xb, yb, eps=eps, key=key,
-                                                      s=s)
+                    shared[attack, b] = run(target, xb, yb, key, eps)
                 x_adv = shared[attack, b]
             else:
-                x_adv = attack_images(attack, d, xb, yb, eps=eps, key=key, s=s)
+                x_adv = run(d, xb, yb, key, eps)
             parts.append(parallel.to_host(_predict(d, x_adv))[:hi - lo])
             bar.update(1)
         correct[name][attack] = np.concatenate(parts) == y

@@ -222,9 +222,12 @@ def _context(checkpoint_dir, mesh=None):
 def load_purifier(checkpoint_dir, mesh=None) -> Purifier:
     """The purifier of a finished `train.py` run: its robust model, clusters and dictionaries."""
     stages, ctx = _context(checkpoint_dir, mesh)
+    from srdjax import parallel
     graphdef, params, stats = stages.load_classifier(ctx, "robust")
     cluster_set, _, _ = stages.load_clusters(ctx)
-    dictionaries = jnp.asarray(stages.load_dictionaries(ctx))
+    # Everything replicated on the mesh, like the model's parameters.
+    cluster_set = parallel.replicate(ctx.mesh, cluster_set)
+    dictionaries = parallel.replicate(ctx.mesh, jnp.asarray(stages.load_dictionaries(ctx)))
     return make_purifier(graphdef, params, stats, cluster_set, dictionaries,
                          options_from_config(ctx.config))
 

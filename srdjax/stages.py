@@ -30,6 +30,7 @@ DEPENDS["cluster"] = DEPENDS["baseline"] + ("cluster",)
 DEPENDS["dictionaries"] = DEPENDS["cluster"] + ("frequency", "dictionaries")
 DEPENDS["robust"] = DEPENDS["cluster"] + ("robust",)
 DEPENDS["pgd_at"] = DEPENDS["baseline"] + ("robust",)
+DEPENDS["purify"] = DEPENDS["dictionaries"] + ("robust", "purify")
 
 
 class Context:
@@ -255,12 +256,50 @@ def run_pgd_at(ctx: Context, stop_after_steps=None):
     return _run_robust(ctx, "pgd_at", 0.0, stop_after_steps)
 
 
+def run_purify(ctx: Context, stop_after_steps=None):
+    """Stage 5 on the test set: purify every test image and report what it does to the
+    baseline and robust classifiers, and how often the chosen cluster is of the true class."""
+    from srdjax import imageio
+    from srdjax import purifier as pur
+    store = ctx.store("purify")
+    test = ctx.dataset("test")
+    purifier = pur.load_purifier(ctx.workdir, ctx.mesh)
+    bs = ctx.config.eval_batch_size
+    purified, chosen = [], []
+    for start in tqdm(range(0, len(test), bs), desc="purify test set",
+                      disable=not parallel.is_main_process()):
+        xb, n = parallel.pad_to_multiple(test.x[start:start + bs], ctx.mesh.size)
+        x = parallel.shard_global(ctx.mesh, xb.astype(np.float32) / 255.0)
+        out, k = pur.purify(purifier, x, return_cluster=True)
+        purified.append(np.round(parallel.to_host(out)[:n] * 255.0).astype(np.uint8))
+        chosen.append(parallel.to_host(k)[:n])
+    purified, chosen = np.concatenate(purified), np.concatenate(chosen)
+    summary = {"n_test": len(test),
+               "cluster_of_true_class": float(np.mean(
+                   np.asarray(purifier.clusters.class_ids)[chosen] == test.y))}
+    as_ds = Dataset(purified, test.y, test.classes)
+    for stage in ("baseline", "robust"):
+        graphdef, params, stats = load_classifier(ctx, stage)
+        predict = training.make_predict(graphdef, ctx.mesh)
+        for label, ds in (("raw", test), ("purified", as_ds)):
+            logits, _ = training.predict_dataset(predict, params, stats, ds, ctx.mesh, bs)
+            summary[f"{stage}_{label}_acc"] = training.accuracy(logits, test.y)
+    if parallel.is_main_process():
+        store.dir.mkdir(parents=True, exist_ok=True)
+        imageio.save_grid(store.dir / "grid.png", test.x[:8], purified[:8])
+    store.mark_done(summary)
+    ctx.log("[purify] " + ", ".join(f"{k}={v:.4f}" for k, v in summary.items()
+                                    if isinstance(v, float)))
+    return summary
+
+
 STAGES = {
     "baseline": run_baseline,
     "cluster": run_cluster,
     "dictionaries": run_dictionaries,
     "robust": run_robust,
     "pgd_at": run_pgd_at,
+    "purify": run_purify,
 }
 
 

@@ -34,6 +34,11 @@ def test_smoke_run_checkpoints_every_stage_and_a_second_run_skips(finished):
     assert summaries["cluster"]["n_clustered"] == 200
     assert len(summaries["cluster"]["k_per_class"]) == 10
     assert summaries["dictionaries"]["n_dictionaries"] == summaries["cluster"]["n_clusters"]
+    assert (workdir / "purify" / "grid.png").exists()
+    assert summaries["purify"]["n_test"] == 100
+    for key in ("baseline_raw_acc", "baseline_purified_acc", "robust_raw_acc",
+                "cluster_of_true_class"):
+        assert 0.0 <= summaries["purify"][key] <= 1.0
     mtime = (workdir / "robust" / "DONE.json").stat().st_mtime
     again = stages.run(smoke_config(workdir))
     assert again["baseline"]["test_acc"] == summaries["baseline"]["test_acc"]
