@@ -23,6 +23,9 @@ AutoAttack found 0%). Two attacks aim at the choice itself:
 `eot_logits` averages a random defense over samples (Athalye et al. 2018's EOT). Purification
 is deterministic, so the evaluation needs it for none of its defenses; it is there for defenses
 that draw random numbers.
+
+`attack_images` runs one of the evaluation's named attacks against a defense, and
+`sharded_attack` compiles it once per attack to run on every device's part of a batch.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from jax.tree_util import Partial
 
 from srdjax import attacks
@@ -41,9 +45,6 @@ from srdjax import dictionary as dict_lib
 from srdjax import purifier as purifier_lib
 from srdjax.checks import check, check_images, check_labels
 from srdjax.models import apply_model
-
-TRANSFORMS = ("none", "jpeg", "bit_depth", "blur", "purify")
-
 
 @flax.struct.dataclass
 class Classifier:
@@ -171,3 +172,49 @@ def selector_success(p: purifier_lib.Purifier, x_adv, y):
     """Per image: does purify choose a cluster of a wrong class for x_adv?"""
     check_images(x_adv, "adversarial images")
     return chosen_class(p, x_adv) != y
+
+
+# ------------------------------------------------------------------------------ dispatch
+
+
+def attack_images(name: str, d: Defense, x, y, *, eps, key, s):
+    """Adversarial images of the evaluation's attack `name` against defense `d`, with the steps
+    and norm of `s` (an `evaluation.Settings`); for "transfer", `d` is the undefended model the
+    images are made on."""
+    fn = Partial(attack_logits, d)
+    common = dict(eps=eps, key=key, norm=s.norm)
+    if name == "fgsm":
+        return attacks.fgsm(fn, x, y, **common)
+    if name == "pgd20":
+        return attacks.pgd(fn, x, y, steps=s.pgd20_steps, **common)
+    if name == "pgd100":
+        return attacks.pgd(fn, x, y, steps=s.pgd100_steps, restarts=s.pgd100_restarts, **common)
+    if name in ("apgd-ce", "apgd-dlr"):
+        return attacks.apgd(fn, x, y, steps=s.apgd_steps, loss=name[5:], **common)
+    if name == "square":
+        return attacks.square(fn, x, y, eps=eps, key=key, n_queries=s.square_queries)
+    if name == "transfer":
+        return attacks.pgd(fn, x, y, steps=s.transfer_steps, **common)
+    if name == "selector":
+        return selector_attack(d.purifier, x, y, steps=s.selector_steps, **common)
+    surrogate = Partial(surrogate_logits, d.purifier, d.classifier, s.surrogate_top,
+                        s.surrogate_temperature)
+    return attacks.pgd(surrogate, x, y, steps=s.surrogate_steps, **common)
+
+
+@functools.lru_cache(maxsize=None)
+def sharded_attack(name: str, s, mesh):
+    """attack_images as one jitted program per attack, run on every device's part of the batch.
+
+    Attacks are per image, so running them per device changes nothing but where they run; it
+    also sidesteps an XLA CPU bug: jit over a batch sharded by SPMD partitioning fails with
+    "fft_thunk ... IsMonotonicWithDim0Major" when PGD loops over purify_bpda's FFT gradient.
+    (check_vma=False: the attack loops carry per-device values in replicated-looking carries.)"""
+    axis = mesh.axis_names[0]
+
+    def run(d, x, y, key, eps):
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+        return attack_images(name, d, x, y, eps=eps, key=key, s=s)
+
+    return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P(axis), P(axis), P(), P()),
+                                 out_specs=P(axis), check_vma=False))

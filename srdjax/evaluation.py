@@ -12,21 +12,19 @@ results.json, results.md, robust_vs_eps.png and the per-image table per_image.np
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 import zlib
 from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
-from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
-from srdjax import adaptive, attacks, parallel, stages
+from srdjax import adaptive, parallel, stages
 from srdjax import purifier as purifier_lib
-from srdjax.adaptive import Classifier, Defense, attack_logits, defense_logits
+from srdjax.adaptive import Classifier, Defense, defense_logits, sharded_attack
 from srdjax.checkpoints import atomic_write_json, atomic_write_text
 from srdjax.checks import check
 from srdjax.data import class_balanced_subset, load_dataset
@@ -118,8 +116,13 @@ class Settings:
                   f"evaluate.{name} must be an integer >= 1, got {value!r}")
         check(self.test_per_class >= 0 and self.curve_per_class >= 0,
               "evaluate.test_per_class and curve_per_class must be >= 0 (0: all)")
-        check(self.surrogate_temperature > 0, f"evaluate.surrogate_temperature must be > 0, "
-                                              f"got {self.surrogate_temperature!r}")
+        for name, ok, expected in (
+                ("surrogate_temperature", self.surrogate_temperature > 0, "> 0"),
+                ("blur_sigma", self.blur_sigma > 0, "> 0"),
+                ("jpeg_quality", 1 <= self.jpeg_quality <= 100, "an integer in [1, 100]"),
+                ("bit_depth", 1 <= self.bit_depth <= 16, "an integer in [1, 16]"),
+                ("unbounded_max", 0 <= self.unbounded_max <= 1, "in [0, 1]")):
+            check(ok, f"evaluate.{name} must be {expected}, got {getattr(self, name)!r}")
 
     def attack_settings(self, name: str) -> dict:
         """What the report states about how attack `name` was run."""
@@ -143,12 +146,15 @@ def eps_limit(norm: str, image_size) -> float:
 
 
 _predict = jax.jit(lambda d, x: jnp.argmax(defense_logits(d, x), axis=-1))
+_chosen_class = jax.jit(adaptive.chosen_class)
+_selector_success = jax.jit(adaptive.selector_success)
 
 
 def make_defense(name: str, classifier: Classifier, purifier=None, s: Settings | None = None):
+    """Defense `name` of DEFENSES around `classifier`; `s` gives JPEG quality, bits, blur σ."""
     transform = DEFENSES[name][0]
-    option = {"jpeg": s and s.jpeg_quality, "bit_depth": s and s.bit_depth,
-              "blur": s and s.blur_sigma}.get(transform)
+    option = None if s is None else {"jpeg": s.jpeg_quality, "bit_depth": s.bit_depth,
+                                     "blur": s.blur_sigma}.get(transform)
     return Defense(name, transform, option, classifier,
                    purifier if transform == "purify" else None)
 
@@ -188,56 +194,13 @@ def load_defenses(workdir, s: Settings, mesh=None):
 # ------------------------------------------------------------------------------ attacks
 
 
-def attack_images(name: str, d: Defense, x, y, *, eps, key, s: Settings):
-    """Adversarial images of attack `name` against defense `d` (for "transfer", `d` is the
-    undefended model the images are made on)."""
-    fn = Partial(attack_logits, d)
-    common = dict(eps=eps, key=key, norm=s.norm)
-    if name == "fgsm":
-        return attacks.fgsm(fn, x, y, **common)
-    if name == "pgd20":
-        return attacks.pgd(fn, x, y, steps=s.pgd20_steps, **common)
-    if name == "pgd100":
-        return attacks.pgd(fn, x, y, steps=s.pgd100_steps, restarts=s.pgd100_restarts, **common)
-    if name in ("apgd-ce", "apgd-dlr"):
-        return attacks.apgd(fn, x, y, steps=s.apgd_steps, loss=name[5:], **common)
-    if name == "square":
-        return attacks.square(fn, x, y, eps=eps, key=key, n_queries=s.square_queries)
-    if name == "transfer":
-        return attacks.pgd(fn, x, y, steps=s.transfer_steps, **common)
-    if name == "selector":
-        return adaptive.selector_attack(d.purifier, x, y, steps=s.selector_steps, **common)
-    surrogate = Partial(adaptive.surrogate_logits, d.purifier, d.classifier, s.surrogate_top,
-                        s.surrogate_temperature)
-    return attacks.pgd(surrogate, x, y, steps=s.surrogate_steps, **common)
-
-
-@functools.lru_cache(maxsize=None)
-def _sharded_attack(name: str, s: Settings, mesh):
-    """attack_images as one jitted program per attack, run on every device's part of the batch.
-
-    Attacks are per image, so running them per device changes nothing but where they run; it
-    also sidesteps an XLA CPU bug: jit over a batch sharded by SPMD partitioning fails with
-    "fft_thunk ... IsMonotonicWithDim0Major" when PGD loops over purify_bpda's FFT gradient.
-    (check_vma=False: the attack loops carry per-device values in replicated-looking carries.)"""
-    axis = mesh.axis_names[0]
-
-    def run(d, x, y, key, eps):
-        key = jax.random.fold_in(key, jax.lax.axis_index(axis))
-        return attack_images(name, d, x, y, eps=eps, key=key, s=s)
-
-    return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P(axis), P(axis), P(), P()),
-                                 out_specs=P(axis), check_vma=False))
-
-
 def applies(attack: str, d: Defense) -> bool:
     return attack not in PURIFIER_ONLY or d.transform == "purify"
 
 
 def _batches(n: int, batch_size: int, mesh):
     """Fixed-size batches (the last padded by repeating its last row): one compile per attack."""
-    size = min(batch_size, -(-n // mesh.size) * mesh.size)
-    size += -size % mesh.size
+    size = batch_size + -batch_size % mesh.size
     return size, [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
@@ -251,11 +214,17 @@ def _key(seed: int, attack: str, eps: float, batch: int):
     return jax.random.fold_in(jax.random.fold_in(key, int(round(eps * 2 ** 20))), batch)
 
 
-def predict_correct(d: Defense, x, y, s: Settings, mesh) -> np.ndarray:
+def _map_batches(fn, x, y, s: Settings, mesh, *extra) -> np.ndarray:
+    """fn(x_batch, y_batch, *extra_batch) over fixed-size batches, concatenated on the host;
+    `extra` are per-batch device arrays already made (e.g. a batch's adversarial images)."""
     size, batches = _batches(len(y), s.batch_size, mesh)
-    out = [parallel.to_host(_predict(d, _batch(mesh, x, y, a, b, size)[0]))[:b - a]
-           for a, b in batches]
-    return np.concatenate(out) == y
+    return np.concatenate([
+        parallel.to_host(fn(*_batch(mesh, x, y, a, b, size), *[e[i] for e in extra]))[:b - a]
+        for i, (a, b) in enumerate(batches)])
+
+
+def predict_correct(d: Defense, x, y, s: Settings, mesh) -> np.ndarray:
+    return _map_batches(lambda xb, yb: _predict(d, xb), x, y, s, mesh) == y
 
 
 def attack_matrix(built: dict, attack_names, x, y, *, eps: float, s: Settings, mesh,
@@ -270,7 +239,7 @@ def attack_matrix(built: dict, attack_names, x, y, *, eps: float, s: Settings, m
     bar = tqdm(total=len(cells) * len(batches), desc=desc, unit="batch", dynamic_ncols=True,
                disable=not parallel.is_main_process())
     for attack, name in cells:
-        d, run = built[name], _sharded_attack(attack, s, mesh)
+        d, run = built[name], sharded_attack(attack, s, mesh)
         bar.set_postfix_str(f"{name} × {attack}")
         start_time, parts = time.time(), []
         for b, (lo, hi) in enumerate(batches):
@@ -290,10 +259,9 @@ def attack_matrix(built: dict, attack_names, x, y, *, eps: float, s: Settings, m
     bar.close()
     if any(a == "selector" for a, _ in shared):
         p = next(d.purifier for d in built.values() if d.transform == "purify")
-        wrong = jax.jit(adaptive.selector_success)
-        selector_wrong = np.concatenate([
-            parallel.to_host(wrong(p, shared["selector", b], _batch(mesh, x, y, lo, hi, size)[1]))
-            [:hi - lo] for b, (lo, hi) in enumerate(batches)])
+        selector_wrong = _map_batches(lambda _, yb, x_adv: _selector_success(p, x_adv, yb),
+                                      x, y, s, mesh, [shared["selector", b]
+                                                      for b in range(len(batches))])
     return {"correct": correct, "seconds": seconds, "selector_wrong": selector_wrong}
 
 
@@ -316,6 +284,8 @@ def evaluate(config, mesh=None) -> dict:
     index = (np.arange(len(test)) if not s.test_per_class
              else class_balanced_subset(test.y, s.test_per_class, s.seed))
     x, y = test.x[index].astype(np.float32) / 255.0, test.y[index].astype(np.int32)
+    # One batch shape for the whole run (no larger than the images need): compile once.
+    s = dataclasses.replace(s, batch_size=min(s.batch_size, len(y)))
     clean = {n: predict_correct(d, x, y, s, ctx.mesh) for n, d in built.items()}
     main = attack_matrix(built, s.attacks, x, y, eps=s.eps, s=s, mesh=ctx.mesh, source=source)
 
@@ -334,13 +304,8 @@ def evaluate(config, mesh=None) -> dict:
     unbounded = attack_matrix(built, (s.curve_attack,), x[sub], y[sub], eps=unbounded_eps, s=s,
                               mesh=ctx.mesh, desc="unbounded sanity check")
     purifiers = [d.purifier for d in built.values() if d.transform == "purify"]
-    true_cluster = None
-    if purifiers:
-        size, batches = _batches(len(y), s.batch_size, ctx.mesh)
-        pick = jax.jit(adaptive.chosen_class)
-        true_cluster = np.concatenate([
-            parallel.to_host(pick(purifiers[0], _batch(ctx.mesh, x, y, a, b, size)[0]))[:b - a]
-            for a, b in batches]) == y
+    true_cluster = None if not purifiers else _map_batches(
+        lambda xb, _: _chosen_class(purifiers[0], xb), x, y, s, ctx.mesh) == y
 
     result = summarize(s, clean, main, curve, clean_sub={n: v[sub] for n, v in clean.items()},
                        unbounded={n: clean[n][sub] & unbounded["correct"][n][s.curve_attack]
@@ -398,7 +363,8 @@ def summarize(s: Settings, clean, main, curve, *, clean_sub, unbounded, unbounde
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": _machine(), "run_time_s": round(run_time, 1), "workdir": workdir,
         "n": int(len(next(iter(clean.values())))), "test_per_class": s.test_per_class,
-        "seed": s.seed, "norm": s.norm, "eps": s.eps, "defenses": names,
+        "seed": s.seed, "batch_size": s.batch_size, "norm": s.norm, "eps": s.eps,
+        "defenses": names,
         "attacks": list(s.attacks),
         "attack_settings": {a: s.attack_settings(a) for a in s.attacks},
         "clean": {n: acc(clean[n]) for n in names}, "robust": robust, "worst_case": worst,
@@ -439,6 +405,8 @@ def _pct(v) -> str:
 
 
 def _eps_text(eps: float, norm: str) -> str:
+    if eps == 0:
+        return "0"
     return f"{eps * 255:.4g}/255" if norm == "linf" else f"{eps:.4g}"
 
 
@@ -493,7 +461,8 @@ def render_markdown(r: dict) -> str:
     lines += ["", f"## Accuracy (%) against ε ({c['attack']}, n = {c['n']})", ""]
     lines += _table(["defense"] + [_eps_text(e, norm) for e in c["eps"]],
                     [[n] + [_pct(v) for v in c["robust"][n]] for n in r["defenses"]])
-    lines += ["", "## Seconds per attack (compilation included)", ""]
+    lines += ["", "## Seconds per attack (compilation included; transfer and selector images "
+              "are made once and charged to the first defense scored)", ""]
     lines += _table(["defense"] + r["attacks"], [
         [n] + ["–" if r["seconds"][n][a] is None else f"{r['seconds'][n][a]:.1f}"
                for a in r["attacks"]] for n in r["defenses"]])
@@ -529,6 +498,7 @@ def plot_curve(r: dict, path: Path) -> None:
                 color=line.get_color(), linestyle="none")
     ax.set_xlabel("ε (/255)" if r["norm"] == "linf" else "ε (L2)")
     ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(bottom=0)
     ax.set_title(f"{c['attack']} accuracy against ε (n = {c['n']}); x: worst case")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -1,0 +1,265 @@
+"""Evaluation: BPDA gradients, adaptive attacks, the per-image worst case, reports, evaluate.py."""
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.tree_util import Partial
+
+from srdjax import adaptive, defenses, evaluation, parallel
+from srdjax import purifier as pur
+from srdjax.attacks import ce_loss
+from srdjax.checks import SrdjaxError
+from srdjax.models import create_model, split_model
+from tests.helpers import REPO, smoke_config
+from tests.test_purifier import _images, _tiny_purifier
+
+
+def _classifier(num_classes=10, seed=0):
+    return adaptive.Classifier(*split_model(create_model("small_cnn", num_classes, seed,
+                                                         widths=(4, 6))))
+
+
+def _settings(**overrides):
+    c = smoke_config("/unused")
+    for k, v in overrides.items():
+        c.evaluate[k] = v
+    return evaluation.Settings.from_config(c)
+
+
+def _loss_grad(logits_fn, x, y):
+    return jax.jit(jax.grad(lambda xx: jnp.sum(ce_loss(logits_fn(xx), y))))(x)
+
+
+# ------------------------------------------------------------------------------ BPDA
+
+
+def test_bpda_gradient_of_an_identity_like_transform_equals_the_plain_gradient():
+    """16-bit rounding moves no value by more than 1/(2·65535): its BPDA gradient is the
+    classifier's own gradient (to that perturbation), while differentiating the rounding itself
+    gives exactly zero, the gradient masking BPDA exists to undo."""
+    clf, x = _classifier(), _images(n=4, size=8)
+    y = jnp.array([0, 3, 5, 9])
+    d = evaluation.make_defense("bit_depth", clf, s=_settings(bit_depth=16))
+    plain = _loss_grad(clf, x, y)
+    np.testing.assert_allclose(_loss_grad(Partial(adaptive.attack_logits, d), x, y), plain,
+                               rtol=1e-3, atol=1e-4 * float(jnp.abs(plain).max()))
+    masked = _loss_grad(lambda xx: clf(defenses.bit_depth(xx, bits=16)), x, y)
+    assert float(jnp.abs(masked).max()) == 0.0
+
+
+def test_jpeg_is_straight_through_and_blur_exact():
+    """JPEG: the gradient is the classifier's gradient at jpeg(x), passed straight through.
+    Blur: the exact gradient Rᵀ G C of the separable blur R X C, with R and C built in numpy."""
+    clf, x = _classifier(), _images(n=2, size=16)
+    y = jnp.array([1, 2])
+    s = _settings(jpeg_quality=50, blur_sigma=1.0)
+    jpeg = evaluation.make_defense("jpeg", clf, s=s)
+    # Two compiled programs (fused differently): equal to float32 rounding, rtol 1e-5.
+    np.testing.assert_allclose(_loss_grad(Partial(adaptive.attack_logits, jpeg), x, y),
+                               _loss_grad(clf, defenses.jpeg(x, quality=50), y),
+                               rtol=1e-5, atol=1e-7)
+    blur = evaluation.make_defense("blur", clf, s=s)
+    g_out = np.asarray(_loss_grad(clf, defenses.gaussian_blur(x, sigma=1.0), y), np.float64)
+    rows = defenses._blur_matrix(16, 1.0, 4.0)
+    expected = np.einsum("ih,nijc,jw->nhwc", rows, g_out, rows)
+    np.testing.assert_allclose(_loss_grad(Partial(adaptive.attack_logits, blur), x, y),
+                               expected, rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ adaptive
+
+
+def _purify_defense(seed=0):
+    p = _tiny_purifier(seed=seed)
+    return p, adaptive.Defense("srd", "purify", None, _classifier(2, seed), p)
+
+
+def test_selector_margin_matches_numpy_and_the_attack_raises_it():
+    p, x = _tiny_purifier(), _images(n=6)
+    y = jnp.array([0, 1, 0, 1, 0, 1])
+    z = np.asarray(p.latent(x), np.float64)
+    d = ((((z[:, None] - np.asarray(p.clusters.means)[None]) / np.asarray(p.clusters.stds))
+          ** 2).sum(-1) / z.shape[1])
+    own = np.asarray(p.clusters.class_ids)[None] == np.asarray(y)[:, None]
+    expected = np.where(own, d, np.inf).min(1) - np.where(own, np.inf, d).min(1)
+    before = adaptive.selector_margin(p, y, x)
+    np.testing.assert_allclose(before, expected, rtol=1e-4, atol=1e-5)
+    # Positive margin <=> purify picks a wrong class's cluster.
+    np.testing.assert_array_equal(adaptive.selector_success(p, x, y), expected > 0)
+    x_adv = adaptive.selector_attack(p, x, y, eps=0.1, key=jax.random.key(0), steps=10)
+    assert float(jnp.abs(x_adv - x).max()) <= 0.1 + 1e-6
+    assert np.all(np.asarray(adaptive.selector_margin(p, y, x_adv)) > np.asarray(before))
+
+
+def test_surrogate_value_is_the_real_defense_and_its_gradient_the_soft_one():
+    p, d = _purify_defense()
+    x, y = _images(n=3), jnp.array([0, 1, 1])
+    grad = lambda fn, u: jax.grad(lambda v: jnp.sum(ce_loss(fn(v), y)))(u)  # noqa: E731
+
+    @jax.jit      # one program: every purify inside shares one compilation
+    def outputs(u):
+        forced = []
+        for k in range(2):          # purify forced to cluster k, before the clip
+            k = jnp.full((3,), k, jnp.int32)
+            patches = pur.dict_lib._extract(pur._split(p, u)[1], 4, 2)
+            forced.append(pur._linear_given_choices(p, u, k, pur._supports(p, k, patches)[0]))
+        return {"real": adaptive.defense_logits(d, u),
+                "surrogate": adaptive.surrogate_logits(p, d.classifier, 2, 1.0, u),
+                "grad_top1": grad(Partial(adaptive.surrogate_logits, p, d.classifier, 1, 1.0), u),
+                "grad_bpda": grad(Partial(adaptive.attack_logits, d), u),
+                "soft": adaptive.soft_purify(p, u, top=2, temperature=0.5), "forced": forced}
+
+    out = outputs(x)
+    np.testing.assert_array_equal(out["surrogate"], out["real"])
+    # top = 1: the soft weight is 1, so the gradient is purify_bpda's (checked against the
+    # hand-computed Jacobian in test_purifier).
+    np.testing.assert_allclose(out["grad_top1"], out["grad_bpda"], rtol=1e-4, atol=1e-6)
+    # top = 2: both clusters' rebuilt images mixed by softmax(-d / T), weights from numpy.
+    z = np.asarray(p.latent(x), np.float64)
+    dist = ((z[:, None] - np.asarray(p.clusters.means)[None]) ** 2).sum(-1) / z.shape[1]
+    w = np.exp(-dist / 0.5)
+    w /= w.sum(1, keepdims=True)
+    mixed = sum(w[:, k, None, None, None] * np.asarray(out["forced"][k]) for k in range(2))
+    np.testing.assert_allclose(out["soft"], np.clip(mixed, 0, 1), atol=1e-5)
+
+
+def test_eot_averages_random_draws_and_is_exact_when_nothing_is_random():
+    w = jax.random.normal(jax.random.key(0), (8 * 8 * 3, 4))
+    f = lambda x: x.reshape(x.shape[0], -1) @ w  # noqa: E731
+    x = _images(n=2)
+    noisy = adaptive.eot_logits(lambda xx, k: f(xx) + jax.random.normal(k, (2, 4)), 4000,
+                                jax.random.key(1))
+    # Mean of 4000 unit normals: standard error 1/63; 5 standard errors.
+    np.testing.assert_allclose(noisy(x), f(x), atol=5 / np.sqrt(4000))
+    np.testing.assert_array_equal(noisy(x), noisy(x))    # pure: the same x, the same draws
+    assert float(jnp.abs(noisy(x) - noisy(x + 1e-3)).max()) > 0  # a new iterate, new draws
+    np.testing.assert_allclose(jax.grad(lambda xx: noisy(xx).sum())(x),
+                               jax.grad(lambda xx: f(xx).sum())(x), rtol=1e-5, atol=1e-6)
+    exact = adaptive.eot_logits(lambda xx, k: f(xx), 3, jax.random.key(1))
+    np.testing.assert_allclose(exact(x), f(x), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ the matrix
+
+
+def test_worst_case_is_the_per_image_minimum_over_attacks():
+    rng = np.random.default_rng(0)
+    clean = rng.random(50) < 0.8
+    adv = {a: rng.random(50) < 0.5 for a in ("fgsm", "pgd20", "square")}
+    expected = np.array([clean[i] and all(v[i] for v in adv.values()) for i in range(50)])
+    np.testing.assert_array_equal(evaluation.worst_case(clean, adv), expected)
+    assert evaluation.worst_case(clean, adv).mean() <= min(v.mean() for v in adv.values())
+
+
+def test_eps_zero_attacks_give_the_clean_prediction_for_every_image():
+    """Every attack at ε = 0 returns x itself, through the sharded matrix (2 devices, a padded
+    last batch of 3 real rows in 4), against a BPDA defense and (transfer) the bare model."""
+    s = _settings(batch_size=4, attacks=("fgsm", "pgd20", "apgd-dlr", "square", "transfer"))
+    clf = _classifier()
+    built = {"bit_depth": evaluation.make_defense("bit_depth", clf, s=s)}
+    x = np.asarray(_images(n=7, size=8))
+    y = np.asarray([0, 1, 2, 3, 4, 5, 6], np.int32)
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    clean = {n: evaluation.predict_correct(d, x, y, s, mesh) for n, d in built.items()}
+    run = evaluation.attack_matrix(built, s.attacks, x, y, eps=0.0, s=s, mesh=mesh,
+                                   source=evaluation.make_defense("none", clf))
+    for n in built:
+        for a in s.attacks:
+            np.testing.assert_array_equal(run["correct"][n][a], clean[n], err_msg=f"{n} {a}")
+    assert set(run["seconds"]["bit_depth"]) == set(s.attacks)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def evaluated(smoke_workdir, tmp_path_factory):
+    """The smoke run evaluated with 20 images, 3 defenses, 2 short attacks."""
+    workdir = tmp_path_factory.mktemp("eval") / "w"
+    shutil.copytree(smoke_workdir, workdir)
+    config = smoke_config(workdir, **{"evaluate.defenses": ("none", "jpeg", "srd_baseline"),
+                                      "evaluate.attacks": ("fgsm", "pgd20")})
+    return workdir, evaluation.evaluate(config)
+
+
+def test_evaluate_writes_the_three_reports(evaluated):
+    workdir, result = evaluated
+    out = workdir / "evaluation"
+    assert {"results.json", "results.md", "robust_vs_eps.png", "per_image.npz"} <= {
+        p.name for p in out.iterdir()}
+    assert (out / "robust_vs_eps.png").stat().st_size > 5000
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["n"] == 20 and saved["defenses"] == ["none", "jpeg", "srd_baseline"]
+    assert saved["eps"] == pytest.approx(8 / 255) and saved["curve"]["eps"][0] == 0.0
+    assert saved["sanity"]["eps0_equals_clean"]["passed"]
+    assert set(saved["sanity"]["unbounded"]["robust"]) == set(saved["defenses"])
+    assert saved["seconds"]["srd_baseline"]["pgd20"] > 0
+    md = (out / "results.md").read_text()
+    assert "Sanity checks" in md and "deterministic" in md and "run time" in md
+
+
+def test_json_and_markdown_agree(evaluated):
+    workdir, _ = evaluated
+    saved = json.loads((workdir / "evaluation" / "results.json").read_text())
+    table = evaluation.parse_markdown_table((workdir / "evaluation" / "results.md").read_text())
+    assert list(table) == saved["defenses"]
+    for n in saved["defenses"]:
+        expected = {"clean": saved["clean"][n], "worst case": saved["worst_case"][n],
+                    **saved["robust"][n]}
+        assert set(table[n]) == set(expected)
+        for column, value in expected.items():
+            assert table[n][column] == pytest.approx(100 * value, abs=0.05), (n, column)
+
+
+def test_reported_accuracies_are_the_per_image_results(evaluated):
+    workdir, result = evaluated
+    with np.load(workdir / "evaluation" / "per_image.npz") as f:
+        per = {k: f[k] for k in f.files}
+    assert per["y"].shape == (20,) and np.bincount(per["y"]).tolist() == [2] * 10
+    for n in result["defenses"]:
+        clean = per[f"{n}/clean"]
+        adv = [per[f"{n}/{a}"] for a in result["attacks"]]
+        assert result["clean"][n] == pytest.approx(clean.mean())
+        for a, v in zip(result["attacks"], adv):
+            assert result["robust"][n][a] == pytest.approx((clean & v).mean())
+        worst = np.logical_and.reduce([clean] + adv)
+        np.testing.assert_array_equal(per[f"{n}/worst_case"], worst)
+        assert result["worst_case"][n] == pytest.approx(worst.mean())
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("defenses", ("none", "jpg"), "unknown defense 'jpg'.*known defenses: none, jpeg"),
+    ("attacks", ("pgd20", "cw"), "unknown attack 'cw'.*known attacks: fgsm, pgd20"),
+    ("eps", 8.0, r"evaluate.eps must lie in \[0, 1\].*got 8.0"),
+    ("eps_list", (0.0, -0.1), r"evaluate.eps_list must lie in \[0, 1\]"),
+])
+def test_bad_settings_get_one_clear_error(field, value, message):
+    with pytest.raises(SrdjaxError, match=message):
+        _settings(**{field: value})
+
+
+def test_a_checkpoint_missing_a_stage_names_it_and_the_defense(smoke_workdir, tmp_path):
+    shutil.copytree(smoke_workdir, tmp_path / "w", ignore=shutil.ignore_patterns("evaluation"))
+    shutil.rmtree(tmp_path / "w" / "dictionaries")
+    config = smoke_config(tmp_path / "w", **{"evaluate.defenses": ("none", "srd_robust")})
+    with pytest.raises(SrdjaxError, match="no finished stage 'dictionaries' "
+                                          r"\(needed by defense srd_robust\)"):
+        evaluation.evaluate(config)
+
+
+def test_evaluate_py_reports_bad_input_on_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "evaluate.py", "--config", "configs/smoke.py",
+         f"--config.workdir={tmp_path}", "--config.evaluate.eps=-0.5"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: evaluate.eps must lie in [0, 1]"), proc.stderr
