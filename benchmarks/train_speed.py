@@ -68,7 +68,8 @@ def main():
 
     step = training.make_train_step(graphdef, tx, baseline_loss, mesh,
                                     crop_pad=config.data.crop_pad, flip=config.data.flip)
-    state = parallel.replicate(mesh, training.init_state(params, stats, tx))
+    fresh = jax.tree.map(jax.numpy.copy, (params, stats))
+    state = parallel.replicate(mesh, training.init_state(*fresh, tx))
     s, c = time_steps(step, state, mesh, b.batch_size, args.steps)
     steps_total = (n_train // b.batch_size) * b.epochs
     rows["baseline"] = {"s_per_step": s, "compile_s": c, "batch": b.batch_size,
@@ -93,7 +94,9 @@ def main():
         loss = robust.make_robust_loss(graphdef, section, cs, eps, step_size)
         step = training.make_train_step(graphdef, tx, loss, mesh, crop_pad=config.data.crop_pad,
                                         flip=config.data.flip)
-        state = parallel.replicate(mesh, training.init_state(params, stats, tx))
+        # Fresh arrays: the step donates its input state, which may alias `params`.
+        fresh = jax.tree.map(jax.numpy.copy, (params, stats))
+        state = parallel.replicate(mesh, training.init_state(*fresh, tx))
         s, c = time_steps(step, state, mesh, r.batch_size, args.robust_steps, extras)
         steps_total = (n_train // r.batch_size) * r.epochs
         rows[name] = {"s_per_step": s, "compile_s": c, "batch": r.batch_size,

@@ -22,6 +22,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from srdjax import omp as omp_lib
 from srdjax.checks import check, check_finite
@@ -273,7 +274,8 @@ def _sample_patches(key, images, n_patches: int, patch_size: int, stride: int):
 def learn_cluster_dictionaries(key, high_images, cluster_ids, n_clusters: int, *,
                                patch_size: int = 8, stride: int = 1, n_atoms: int = 256,
                                sparsity: int = 8, n_iter: int = 10,
-                               max_patches_per_cluster: int = 20_000, method: str = "ksvd"):
+                               max_patches_per_cluster: int = 20_000, method: str = "ksvd",
+                               progress: bool = True):
     """One dictionary per cluster from the high-frequency patches of its images.
 
     high_images [N, H, W, C] (high-frequency parts: values outside [0, 1] are expected),
@@ -296,7 +298,8 @@ def learn_cluster_dictionaries(key, high_images, cluster_ids, n_clusters: int, *
     _grid(high_images.shape[1], high_images.shape[2], patch_size, stride)
     dim = patch_size * patch_size * high_images.shape[3]
     dictionaries, histories = [], []
-    for cluster in range(n_clusters):
+    for cluster in tqdm(range(n_clusters), desc="dictionaries", unit="cluster", leave=False,
+                        disable=not progress or jax.process_index() != 0):
         cluster_key = jax.random.fold_in(key, cluster)
         members = np.flatnonzero(ids == cluster)
         if members.size == 0:
