@@ -66,3 +66,19 @@ def purify_main(argv) -> int:
         return imageio.purify_files(args)
     except SrdjaxError as e:
         return _fail(str(e))
+
+
+def run_config_command(entry) -> None:
+    """The body of train.py and evaluate.py: a required --config flag (ml_collections config
+    file, overridable as --config.a.b=value), then `entry(config)`'s exit code."""
+    from absl import app, flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
+                                    lock_config=True)
+    flags.mark_flags_as_required(["config"])
+
+    def main(argv):
+        del argv
+        sys.exit(entry(flags.FLAGS.config))
+
+    app.run(main)
