@@ -119,13 +119,19 @@ def _rebuild(p: Purifier, low, k, support, values, shape):
     return low + high
 
 
-@functools.partial(jax.jit, static_argnames=("return_cluster",))
-def _purify(p: Purifier, x, return_cluster: bool = False):
+def _purify_with_choices(p: Purifier, x):
+    """(purified images, chosen clusters, OMP supports): the choices BPDA holds fixed."""
     low, high = _split(p, x)
     k = choose_cluster(p, x)
     patches = dict_lib._extract(high, p.options.patch_size, p.options.stride)
     support, values = _supports(p, k, patches)
     out = jnp.clip(_rebuild(p, low, k, support, values, x.shape[1:]), 0.0, 1.0).astype(x.dtype)
+    return out, k, support
+
+
+@functools.partial(jax.jit, static_argnames=("return_cluster",))
+def _purify(p: Purifier, x, return_cluster: bool = False):
+    out, k, _ = _purify_with_choices(p, x)
     return (out, k) if return_cluster else out
 
 
@@ -164,11 +170,7 @@ def purify_bpda(p: Purifier, x):
 
 
 def _bpda_fwd(p, x):
-    low, high = _split(p, x)
-    k = choose_cluster(p, x)
-    patches = dict_lib._extract(high, p.options.patch_size, p.options.stride)
-    support, values = _supports(p, k, patches)
-    out = jnp.clip(_rebuild(p, low, k, support, values, x.shape[1:]), 0.0, 1.0).astype(x.dtype)
+    out, k, support = _purify_with_choices(p, x)
     return out, (p, x, k, support)
 
 
