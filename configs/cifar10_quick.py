@@ -20,7 +20,7 @@ def get_config():
     c.workdir = "runs/cifar10_quick"
     c.stages = ("baseline", "cluster", "dictionaries", "robust", "pgd_at", "purify")
     c.data.crop_pad = 2
-    c.baseline.epochs = 10
+    c.baseline.epochs = 8
     c.robust.epochs = 1
     c.robust.attack_steps = 5
     c.robust.lr = 0.02

@@ -4,7 +4,10 @@ Sources:
   npz    a directory of `train_*.npz` / `test.npz` (keys x uint8 [N, H, W, 3], y [N]), as in
          ../shared/data/cifar10 — the offline default.
   tfds   tensorflow-datasets (`cifar10`, `imagenette/...`) for online users, read through
-         `tfds.data_source`, which needs no TensorFlow.
+         `tfds.data_source`, which needs no TensorFlow; images of other sizes are resized.
+  folder one sub-folder of PNG/JPEG images per class: `root/<class>/*`, split by the config's
+         `test_fraction`, or `root/train/<class>/*` and `root/test/<class>/*`; any image sizes,
+         resized (shorter side) and centre-cropped to `data.image_size`.
 
 Images stay uint8 on the host; batches are cut by index (a seeded permutation per epoch, so a
 run and its resumption see the same order) and augmented on device inside the jitted step.
@@ -110,7 +113,8 @@ def load_npz(data_dir, split: str) -> Dataset:
     return Dataset(np.concatenate(xs), y, classes)
 
 
-def load_tfds(name: str, split: str, data_dir=None, download: bool = False) -> Dataset:
+def load_tfds(name: str, split: str, data_dir=None, download: bool = False,
+              image_size=None) -> Dataset:
     """A tensorflow-datasets dataset read through `tfds.data_source` (array_record, no TF).
 
     Offline, a download attempt hangs for minutes in retries, so downloading happens only when
@@ -128,11 +132,75 @@ def load_tfds(name: str, split: str, data_dir=None, download: bool = False) -> D
             f"under {where} ({type(e).__name__}); run once online with data.download=True, "
             f"or use data.source='npz'") from None
     items = [source[i] for i in range(len(source))]
-    x = np.stack([np.asarray(it["image"], np.uint8) for it in items])
+    images = [np.asarray(it["image"], np.uint8) for it in items]
+    if image_size is not None:  # imagenette's images come in many sizes
+        images = [resize_image(im if im.shape[-1] == 3 else np.repeat(im, 3, -1), image_size)
+                  for im in images]
+    x = np.stack(images)
     y = np.asarray([it["label"] for it in items], np.int32)
     names = tuple(source.dataset_info.features["label"].names)
     x, y = _validate(x, y, f"tfds:{name}/{split}", names)
     return Dataset(x, y, names)
+
+
+def resize_image(image: np.ndarray, size) -> np.ndarray:
+    """uint8 [H, W, 3] → [h, w, 3]: scale the shorter side to fit (bicubic), then centre-crop."""
+    h, w = (int(v) for v in size)
+    if image.shape[:2] == (h, w):
+        return image
+    from PIL import Image
+    scale = max(h / image.shape[0], w / image.shape[1])
+    new = (max(w, round(image.shape[1] * scale)), max(h, round(image.shape[0] * scale)))
+    im = Image.fromarray(image).resize(new, Image.Resampling.BICUBIC)
+    top, left = (new[1] - h) // 2, (new[0] - w) // 2
+    return np.asarray(im, np.uint8)[top:top + h, left:left + w]
+
+
+def _class_folders(root: Path, classes=None) -> list[Path]:
+    found = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes:
+        names = {p.name for p in found}
+        missing = [c for c in classes if c not in names]
+        check(not missing, f"{root}: no folder for classes {missing} (found {sorted(names)})")
+        found = [root / c for c in classes]
+    check(len(found) >= 2, f"{root}: a folder dataset needs at least two class folders, "
+                           f"found {len(found)}")
+    return found
+
+
+def _read_class(folder: Path, size) -> np.ndarray:
+    from srdjax.imageio import IMAGE_SUFFIXES, read_image
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    check(files, f"class folder {folder} holds no PNG/JPEG images")
+    return np.stack([resize_image(read_image(p), size) for p in files])
+
+
+def load_folder(root, split: str, image_size, *, classes=None, test_fraction: float = 0.2,
+                seed: int = 0) -> Dataset:
+    """Images from `root/<class>/*` (split per class by a seeded `test_fraction`) or from
+    `root/train/<class>/*` and `root/test/<class>/*`. Classes: sorted folder names, or the
+    config's `data.classes` list (a selection, in that order). Grayscale becomes RGB; images
+    with an alpha channel are refused by name."""
+    root = Path(root).expanduser()
+    check(root.is_dir(), f"data directory {root} does not exist")
+    check(split in ("train", "test"), f"split must be 'train' or 'test', got {split!r}")
+    pre_split = (root / "train").is_dir() and (root / "test").is_dir()
+    base = root / split if pre_split else root
+    folders = _class_folders(base, classes)
+    xs, ys = [], []
+    for label, folder in enumerate(folders):
+        x = _read_class(folder, image_size)
+        if not pre_split:
+            check(0 < test_fraction < 1,
+                  f"data.test_fraction must lie in (0, 1), got {test_fraction}")
+            order = np.random.default_rng([seed, label]).permutation(len(x))
+            n_test = int(round(len(x) * test_fraction))
+            check(0 < n_test < len(x), f"class folder {folder} has {len(x)} images, too few "
+                                       f"to split with test_fraction={test_fraction}")
+            x = x[np.sort(order[:n_test])] if split == "test" else x[np.sort(order[n_test:])]
+        xs.append(x)
+        ys.append(np.full(len(x), label, np.int32))
+    return Dataset(np.concatenate(xs), np.concatenate(ys), tuple(f.name for f in folders))
 
 
 def class_balanced_subset(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -150,13 +218,23 @@ def class_balanced_subset(y: np.ndarray, per_class: int, seed: int) -> np.ndarra
 def load_dataset(data_config, split: str, seed: int = 0) -> Dataset:
     """Load `split` as the config's `data` section says (source, name, data_dir, subsets)."""
     source = data_config.source
+    size = tuple(int(v) for v in data_config.get("image_size", (32, 32)))
+    check(len(size) == 2 and min(size) >= 8, f"data.image_size must be (H, W) ≥ 8, got {size}")
+    classes = tuple(data_config.get("classes") or ()) or None
     if source == "npz":
         ds = load_npz(resolve_data_dir(data_config.get("data_dir"), data_config.name), split)
     elif source == "tfds":
-        ds = load_tfds(data_config.tfds_name, split, data_config.get("data_dir") or None,
-                       bool(data_config.get("download", False)))
+        tfds_split = data_config.get(f"tfds_{split}_split") or split  # imagenette: validation
+        ds = load_tfds(data_config.tfds_name, tfds_split, data_config.get("data_dir") or None,
+                       bool(data_config.get("download", False)), image_size=size)
+    elif source == "folder":
+        check(data_config.get("data_dir"), "data.source='folder' needs data.data_dir")
+        ds = load_folder(data_config.data_dir, split, size, classes=classes,
+                         test_fraction=float(data_config.get("test_fraction", 0.2)), seed=seed)
     else:
-        raise SrdjaxError(f"unknown data.source {source!r}; expected 'npz' or 'tfds'")
+        raise SrdjaxError(f"unknown data.source {source!r}; expected 'npz', 'tfds' or 'folder'")
+    check(ds.x.shape[1:3] == size, f"{source} data holds {ds.x.shape[1]}×{ds.x.shape[2]} "
+                                   f"images but data.image_size is {size[0]}×{size[1]}")
     per_class = data_config.get(f"{split}_per_class")
     if per_class:
         ds = ds.take(class_balanced_subset(ds.y, int(per_class), seed))

@@ -343,29 +343,40 @@ def sparse_code_images(dictionary, high_images, patch_size: int = 8, sparsity: i
                                int(patch_size), int(sparsity), int(stride), int(chunk_size))
 
 
+def code_per_image(dictionaries, grams, cluster_idx, patches, sparsity: int, image_chunk: int):
+    """OMP supports and values [N, P, sparsity] of every patch, image i's patches [P, dim] coded
+    with dictionaries[cluster_idx[i]]; `image_chunk` images at a time (bounds memory: the
+    correlations are image_chunk · P · n_atoms floats)."""
+    n = patches.shape[0]
+    c = max(1, min(image_chunk, n))
+    n_chunks = -(-n // c)
+    pad = n_chunks * c - n
+    idx = jnp.pad(cluster_idx, (0, pad)).reshape(n_chunks, c)
+    signals = jnp.pad(patches, ((0, pad), (0, 0), (0, 0))).reshape(n_chunks, c,
+                                                                  *patches.shape[1:])
+    support, values = jax.lax.map(
+        lambda a: omp_lib.omp_support_per_dictionary(dictionaries, grams, a[0], a[1],
+                                                     sparsity=sparsity), (idx, signals))
+    flat = lambda a: a.reshape(n_chunks * c, *a.shape[2:])[:n]  # noqa: E731
+    return flat(support), flat(values)
+
+
+def rebuild_per_image(dictionaries, cluster_idx, support, values, shape, patch_size: int,
+                      stride: int):
+    """The high-frequency images [N, *shape] from per-image codes (overlaps averaged)."""
+    atoms_of = dictionaries[cluster_idx]                               # [N, A, dim]
+    coded = jax.vmap(omp_lib.reconstruct_signals)(atoms_of, support, values)
+    return _reconstruct(coded, shape, patch_size, stride)
+
+
 @functools.partial(jax.jit, static_argnames=("patch_size", "sparsity", "stride", "image_chunk"))
 def _reconstruct_high(dictionaries, grams, cluster_idx, high, patch_size: int, sparsity: int,
                       stride: int, image_chunk: int):
-    n, height, width, channels = high.shape
     patches = _extract(high, patch_size, stride)               # [N, P, dim]
-
-    def one_image(dictionary, gram, signals):
-        support, values = omp_lib.omp_support_unchecked(
-            dictionary, signals, gram, 0.0, sparsity=sparsity, use_tol=False,
-            chunk_size=signals.shape[0])
-        return omp_lib.reconstruct_signals(dictionary, support, values)
-
-    def chunk(args):
-        idx, signals = args
-        return jax.vmap(one_image)(dictionaries[idx], grams[idx], signals)
-
-    n_chunks = -(-n // image_chunk)
-    pad = n_chunks * image_chunk - n
-    idx = jnp.pad(cluster_idx, (0, pad)).reshape(n_chunks, image_chunk)
-    signals = jnp.pad(patches, ((0, pad), (0, 0), (0, 0)))
-    signals = signals.reshape(n_chunks, image_chunk, *patches.shape[1:])
-    coded = jax.lax.map(chunk, (idx, signals)).reshape(-1, *patches.shape[1:])[:n]
-    return _reconstruct(coded, (height, width, channels), patch_size, stride)
+    support, values = code_per_image(dictionaries, grams, cluster_idx, patches, sparsity,
+                                     image_chunk)
+    return rebuild_per_image(dictionaries, cluster_idx, support, values, high.shape[1:],
+                             patch_size, stride)
 
 
 def reconstruct_high(dictionaries, cluster_idx, high, patch_size: int = 8, sparsity: int = 8, *,

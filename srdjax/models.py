@@ -37,6 +37,30 @@ def _conv(cin, cout, k, rngs, dtype, stride=1):
                     dtype=dtype, rngs=rngs)
 
 
+def _stem_conv(conv: nnx.Conv, x):
+    """A stride-1 SAME convolution of a few-channel input as one matmul over its k×k patches
+    (im2col). Same parameters and result as `conv(x)`; XLA's CPU convolution is slow on 3-channel
+    inputs (45% of the SmallCNN's forward time went to its stem), a [.., 27] × [27, C] product
+    is not, and the input gradient attacks need is a cheap sum of shifted slices."""
+    kernel = conv.kernel.value
+    k = kernel.shape[0]
+    lo, hi = (k - 1) // 2, k // 2
+    h, w = x.shape[1:3]
+    dtype = conv.dtype or jnp.result_type(x, kernel)
+    xp = jnp.pad(x.astype(dtype), ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+    cols = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], -1)
+    return cols @ kernel.reshape(-1, kernel.shape[-1]).astype(dtype)
+
+
+def _max_pool_2x2(x):
+    """2×2/2 max pooling (odd edges dropped, as `nnx.max_pool`'s VALID padding does) as a
+    reshape and a max: XLA's CPU backend differentiates this 15% faster per training step
+    than the reduce-window form, whose gradient is a select-and-scatter."""
+    n, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class ConvGroup(nnx.Module):
     """conv → max-pool → BN → GELU → conv → BN → GELU (the fast-CIFAR "airbench" block)."""
 
@@ -48,7 +72,7 @@ class ConvGroup(nnx.Module):
 
     def __call__(self, x):
         x = self.conv1(x)
-        x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+        x = _max_pool_2x2(x)
         x = nnx.gelu(self.bn1(x), approximate=True)
         return nnx.gelu(self.bn2(self.conv2(x)), approximate=True)
 
@@ -73,7 +97,7 @@ class SmallCNN(nnx.Module):
 
     def __call__(self, x):
         x = _normalise(x, self.mean, self.std)
-        x = nnx.gelu(self.stem_bn(self.stem(x)), approximate=True)
+        x = nnx.gelu(self.stem_bn(_stem_conv(self.stem, x)), approximate=True)
         for group in self.groups:
             x = group(x)
         latent = jnp.max(x, axis=(1, 2)).astype(jnp.float32)

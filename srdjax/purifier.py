@@ -90,33 +90,14 @@ def choose_cluster(p: Purifier, x):
 
 def _supports(p: Purifier, k, patches):
     """OMP supports and values of every patch, image i coded with dictionary k[i]."""
-    o = p.options
-
-    def one_image(dictionary, gram, signals):
-        return omp_lib.omp_support_unchecked(dictionary, signals, gram, 0.0, sparsity=o.sparsity,
-                                   use_tol=False, chunk_size=signals.shape[0])
-
-    def chunk(args):
-        kc, pc = args
-        return jax.vmap(one_image)(p.dictionaries[kc], p.grams[kc], pc)
-
-    n = patches.shape[0]
-    c = min(o.image_chunk, n)
-    n_chunks = -(-n // c)
-    pad = n_chunks * c - n
-    kc = jnp.pad(k, (0, pad)).reshape(n_chunks, c)
-    pc = jnp.pad(patches, ((0, pad), (0, 0), (0, 0))).reshape(n_chunks, c, *patches.shape[1:])
-    support, values = jax.lax.map(chunk, (kc, pc))
-    flat = lambda a: a.reshape(n_chunks * c, *a.shape[2:])[:n]
-    return flat(support), flat(values)
+    return dict_lib.code_per_image(p.dictionaries, p.grams, k, patches, p.options.sparsity,
+                                   p.options.image_chunk)
 
 
 def _rebuild(p: Purifier, low, k, support, values, shape):
     o = p.options
-    atoms_of = p.dictionaries[k]                                        # [N, A, dim]
-    coded = jax.vmap(omp_lib.reconstruct_signals)(atoms_of, support, values)
-    high = dict_lib._reconstruct(coded, shape, o.patch_size, o.stride)
-    return low + high
+    return low + dict_lib.rebuild_per_image(p.dictionaries, k, support, values, shape,
+                                            o.patch_size, o.stride)
 
 
 def _purify_with_choices(p: Purifier, x):

@@ -314,6 +314,11 @@ def validate_config(config) -> None:
           f"unknown model {config.model.name!r}; expected one of {sorted(MODELS)}")
     check(config.model.num_classes >= 2,
           f"model.num_classes must be >= 2, got {config.model.num_classes}")
+    if {"dictionaries", "purify"} & set(config.stages):
+        # Before any training: a resolution the patches do not tile fails now, not an hour in.
+        h, w = config.data.image_size
+        dictionary._grid(int(h), int(w), config.dictionaries.patch_size,
+                         config.dictionaries.stride)
     for name in config.stages:
         section = config.get(name)
         if section is not None and "batch_size" in section:

@@ -177,15 +177,23 @@ def fit(store: StageStore, state: TrainState, train_step, evaluate: Callable[[An
     for epoch in range(step0 // steps_per_epoch, epochs):
         batches = epoch_indices(len(train_ds), batch_size, seed, epoch)
         sums: dict = {}
-        for b, idx in enumerate(batches):
-            if epoch * steps_per_epoch + b < step0:
-                continue  # already trained before the resume point
+        # batches already trained before the resume point are skipped
+        todo = [idx for b, idx in enumerate(batches) if epoch * steps_per_epoch + b >= step0]
+
+        def put(idx):
             rows = idx[parallel.process_slice(batch_size)]
             xb, yb = parallel.shard_batch(mesh, train_ds.x[rows], train_ds.y[rows])
-            eb = {k: parallel.shard_batch(mesh, v[rows]) for k, v in extras.items()}
-            state, m = train_step(state, xb, yb, eb, key)
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
+            return xb, yb, {k: parallel.shard_batch(mesh, v[rows]) for k, v in extras.items()}
+
+        ready = put(todo[0]) if todo else None
+        for i in range(len(todo)):
+            state, m = train_step(state, *ready, key)
+            ready = put(todo[i + 1]) if i + 1 < len(todo) else None  # while the step runs
+            # Wait for this step before dispatching the next: one collective program in flight
+            # at a time. With many steps queued, XLA's CPU all-reduce rendezvous hung (forced
+            # host devices on 2 cores).
+            for k, v in jax.device_get(m).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
             bar.update(1)
             if stop_after_steps is not None and int(state.step) >= stop_after_steps:
                 bar.close()

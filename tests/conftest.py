@@ -24,3 +24,11 @@ def smoke_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("smoke_all")
     stages.run(smoke_config(workdir))
     return workdir
+
+
+@pytest.fixture
+def x64():
+    """float64 inside the test (reference comparisons to 1e-10)."""
+    import jax
+    with jax.enable_x64(True):
+        yield

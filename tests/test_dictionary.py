@@ -13,12 +13,6 @@ from srdjax.frequency import split
 from tests.helpers import CIFAR_DIR, cifar_test_images
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 @pytest.fixture(scope="module")
 def cifar_high():
     if not (CIFAR_DIR / "test.npz").exists():

@@ -12,12 +12,6 @@ from srdjax.checks import SrdjaxError
 from tests.helpers import CIFAR_DIR, cifar_test_images
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 @pytest.fixture(scope="module")
 def cifar():
     if not (CIFAR_DIR / "test.npz").exists():

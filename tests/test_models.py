@@ -49,3 +49,19 @@ def test_model_registry_errors_name_the_bad_value():
         create_model("wide_resnet", 10, 0, depth=12)
     with pytest.raises(SrdjaxError, match="bad arguments for model 'small_cnn'"):
         create_model("small_cnn", 10, 0, depth=3)
+
+
+def test_fast_stem_conv_and_pool_equal_the_reference_ops():
+    """The SmallCNN's im2col stem and reshape max-pool (CPU speed-ups) against `nnx.Conv` and
+    `nnx.max_pool`: values and input gradients to float32 rounding (1e-5)."""
+    from flax import nnx
+
+    from srdjax.models import _max_pool_2x2, _stem_conv
+    conv = nnx.Conv(3, 24, (3, 3), padding="SAME", use_bias=False, rngs=nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(1), (4, 9, 11, 3))
+    np.testing.assert_allclose(_stem_conv(conv, x), conv(x), atol=1e-5)
+    g = jax.grad(lambda v: jnp.sum(jnp.sin(_stem_conv(conv, v))))(x)
+    g_ref = jax.grad(lambda v: jnp.sum(jnp.sin(conv(v))))(x)
+    np.testing.assert_allclose(g, g_ref, atol=1e-5)
+    y = jax.random.normal(jax.random.key(2), (2, 9, 11, 5))
+    np.testing.assert_array_equal(_max_pool_2x2(y), nnx.max_pool(y, (2, 2), strides=(2, 2)))

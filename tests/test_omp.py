@@ -19,12 +19,6 @@ from tests.helpers import CIFAR_DIR, cifar_test_images
 TOL = 1e-8  # float64; the issue asks for 1e-4
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def _unit(rows):
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
@@ -209,3 +203,19 @@ def test_compact_form_and_least_squares_on_support(x64):
 def test_bad_input(args, kwargs, match):
     with pytest.raises(SrdjaxError, match=match):
         omp_lib.omp(*args, **kwargs)
+
+
+def test_per_dictionary_blocks_match_sklearn_per_group(x64):
+    """Groups of signals, each with its own dictionary, coded in blocks that straddle groups
+    (block 37 over groups of 50): every group's codes equal sklearn's with its dictionary."""
+    rng = np.random.default_rng(5)
+    dicts = np.stack([_unit(rng.normal(size=(32, 12))) for _ in range(3)])
+    grams = np.einsum("kad,kbd->kab", dicts, dicts)
+    signals = rng.normal(size=(4, 50, 12))
+    index = np.array([2, 0, 1, 2])
+    support, values = omp_lib.omp_support_per_dictionary(
+        jnp.asarray(dicts), jnp.asarray(grams), jnp.asarray(index), jnp.asarray(signals),
+        sparsity=4, block=37)
+    for i, k in enumerate(index):
+        codes = omp_lib.codes_from_support(support[i], values[i], 32)
+        _assert_same_codes(np.asarray(codes), _sklearn(dicts[k], signals[i], sparsity=4))
