@@ -42,7 +42,7 @@ def _stem_conv(conv: nnx.Conv, x):
     (im2col). Same parameters and result as `conv(x)`; XLA's CPU convolution is slow on 3-channel
     inputs (45% of the SmallCNN's forward time went to its stem), a [.., 27] × [27, C] product
     is not, and the input gradient attacks need is a cheap sum of shifted slices."""
-    kernel = conv.kernel.value
+    kernel = conv.kernel[...]
     k = kernel.shape[0]
     lo, hi = (k - 1) // 2, k // 2
     h, w = x.shape[1:3]

@@ -39,6 +39,16 @@ from srdjax.checks import check, check_finite, is_concrete
 DEFAULT_CHUNK = 1024
 
 
+def _loop(n: int, body, carry):
+    """fori_loop, unrolled on a CPU (XLA's CPU backend runs loop bodies slowly; sparsity is
+    small, so the unrolled program stays small)."""
+    if jax.default_backend() == "cpu":
+        for i in range(n):
+            carry = body(i, carry)
+        return carry
+    return jax.lax.fori_loop(0, n, body, carry)
+
+
 def _first_argmax(values):
     """Index of the first maximum along axis 1 (np.argmax's tie rule); XLA's CPU argmax is a
     slow variadic reduce, two plain reductions are several times faster."""
@@ -103,7 +113,7 @@ def _batch_omp(gram, xy, xnorm2, tol, *, sparsity: int, use_tol: bool, gram_inde
         jnp.zeros((batch, k), dtype),
         jnp.zeros((batch,), bool),
     )
-    support, _, _, _, gamma, _, _ = jax.lax.fori_loop(0, k, step, init)
+    support, _, _, _, gamma, _, _ = _loop(k, step, init)
     return support, jnp.where(support >= 0, gamma, 0.0)
 
 
