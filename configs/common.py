@@ -120,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.evaluate.surrogate_temperature = 1.0  # softmax(-d / (T * latent dim)) weights
     c.evaluate.eot_samples = 1       # EOT draws for defenses flagged random (none is)
     c.evaluate.unbounded_max = 0.10  # sanity: flag a defense above this at ε = 1
+    c.evaluate.output = "evaluation"  # reports go to <workdir>/<output>/
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator = ""   # host:port; empty: from the environment, or single process

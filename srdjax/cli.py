@@ -45,7 +45,7 @@ def evaluate_main(config) -> int:
     except SrdjaxError as e:
         return _fail(str(e))
     print(evaluation.render_markdown(result))
-    print(f"written to {result['workdir']}/evaluation/")
+    print(f"written to {result['output']}/")
     return 0
 
 

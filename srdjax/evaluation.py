@@ -276,6 +276,9 @@ def worst_case(clean: np.ndarray, under_attack: dict) -> np.ndarray:
 def evaluate(config, mesh=None) -> dict:
     """Run the whole evaluation of `config.workdir`; write the reports and return the results."""
     s = Settings.from_config(config)
+    out = str(config.evaluate.get("output", "") or "evaluation")
+    check("/" not in out and out not in (".", ".."),
+          f"evaluate.output must be a folder name inside the workdir, got {out!r}")
     t0 = time.time()
     ctx, built, source = load_defenses(Path(config.workdir).expanduser(), s, mesh)
     data_config = config.data.copy_and_resolve_references()
@@ -312,7 +315,8 @@ def evaluate(config, mesh=None) -> dict:
                                   for n in built},
                        unbounded_eps=unbounded_eps, true_cluster=true_cluster,
                        workdir=str(ctx.workdir), run_time=time.time() - t0)
-    write_reports(ctx.workdir / "evaluation", result, per_image={
+    result["output"] = str(ctx.workdir / out)
+    write_reports(ctx.workdir / out, result, per_image={
         "test_index": index, "y": y, **{f"{n}/clean": clean[n] for n in built},
         **{f"{n}/{a}": v for n in built for a, v in main["correct"][n].items()},
         **{f"{n}/worst_case": worst_case(clean[n], main["correct"][n]) for n in built}})

@@ -150,3 +150,26 @@ def test_npz_images_must_match_the_configured_size(tmp_path):
     c.data.image_size = (64, 64)
     with pytest.raises(SrdjaxError, match="32×32 images but data.image_size is 64×64"):
         load_dataset(c.data, "test")
+
+
+@pytest.mark.parametrize("resolution", [64, 128, 224])
+def test_imagenet10_config_tiles_its_resolution(resolution):
+    """configs/imagenet10.py:<resolution> is a valid config whose patches tile its images."""
+    from configs.imagenet10 import get_config
+    from srdjax import stages
+    from srdjax.dictionary import _grid
+    c = get_config(str(resolution))
+    stages.validate_config(c)
+    assert tuple(c.data.image_size) == (resolution, resolution)
+    rows, cols = _grid(resolution, resolution, c.dictionaries.patch_size, c.dictionaries.stride)
+    assert rows == cols and rows >= 8
+
+
+def test_bundled_imagenette_loads_at_64px():
+    from configs.imagenet10 import get_config
+    c = get_config()
+    if not (load_dataset.__globals__["BUNDLED"]["imagenette64"] / "test.npz").exists():
+        pytest.skip("imagenette64 not bundled here")
+    ds = load_dataset(c.data, "test")
+    assert ds.x.shape == (1000, 64, 64, 3) and ds.num_classes == 10
+    assert ds.classes[0].endswith("tench") and np.bincount(ds.y).tolist() == [100] * 10
