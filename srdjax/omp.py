@@ -118,7 +118,7 @@ def _batch_omp(gram, xy, xnorm2, tol, *, sparsity: int, use_tol: bool, gram_inde
 
 
 def omp_support_per_dictionary(dictionaries, grams, index, signals, *, sparsity: int,
-                               block: int = 256):
+                               block: int = 128):
     """Supports and values [N, P, sparsity] of N groups of P signals [N, P, dim], group i coded
     with dictionaries[index[i]] (grams: their Gram matrices); jittable, no checks.
 
