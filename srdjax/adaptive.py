@@ -203,16 +203,13 @@ def attack_images(name: str, d: Defense, x, y, *, eps, key, s):
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def sharded_attack(name: str, s, mesh):
     """attack_images as one jitted program per attack, run on every device's part of the batch.
 
     Attacks are per image, so running them per device changes nothing but where they run; it
     also sidesteps an XLA CPU bug: jit over a batch sharded by SPMD partitioning fails with
     "fft_thunk ... IsMonotonicWithDim0Major" when PGD loops over purify_bpda's FFT gradient.
-    (check_vma=False: the attack loops carry per-device values in replicated-looking carries.)
-    Cached: every defense of the same structure, every batch and every ε reuse one compiled
-    program (short attack loops are unrolled on a CPU and take minutes to compile)."""
+    (check_vma=False: the attack loops carry per-device values in replicated-looking carries.)"""
     axis = mesh.axis_names[0]
 
     def run(d, x, y, key, eps):

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
+from srdjax import parallel
 from srdjax.checks import SrdjaxError, check, check_images, check_labels, is_concrete
 
 # ------------------------------------------------------------ losses (larger = more adversarial)
@@ -182,21 +183,13 @@ class Best:
         return self.update(other.x, other.loss, other.success)
 
 
-# XLA's CPU backend runs a network several times slower inside a while loop than the same ops
-# at top level (PGD-5 on the quick config's CNN, batch 256 on 2 host devices: 30.8 s as a
-# fori_loop, 4.3 s unrolled). On a CPU, loops of at most UNROLL_MAX iterations are unrolled
-# at trace time (compile time grows with the steps); longer ones, and every loop on GPUs and
-# TPUs, stay `fori_loop`s.
+# Loops of at most UNROLL_MAX iterations are unrolled on a CPU (see `parallel.fori_loop`);
+# longer ones, and every loop on GPUs and TPUs, stay `fori_loop`s.
 UNROLL_MAX = 20
 
 
 def _loop(n: int, body, carry):
-    """`jax.lax.fori_loop(0, n, body, carry)`, unrolled on a CPU when n <= UNROLL_MAX."""
-    if n <= UNROLL_MAX and jax.default_backend() == "cpu":
-        for i in range(n):
-            carry = body(jnp.asarray(i, jnp.int32), carry)
-        return carry
-    return jax.lax.fori_loop(0, n, body, carry)
+    return parallel.fori_loop(n, body, carry, unroll_max=UNROLL_MAX)
 
 
 def _value_and_grad(objective):

@@ -34,19 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from srdjax import parallel
 from srdjax.checks import check, check_finite, is_concrete
 
 DEFAULT_CHUNK = 1024
-
-
-def _loop(n: int, body, carry):
-    """fori_loop, unrolled on a CPU (XLA's CPU backend runs loop bodies slowly; sparsity is
-    small, so the unrolled program stays small)."""
-    if jax.default_backend() == "cpu":
-        for i in range(n):
-            carry = body(i, carry)
-        return carry
-    return jax.lax.fori_loop(0, n, body, carry)
 
 
 def _first_argmax(values):
@@ -113,7 +104,8 @@ def _batch_omp(gram, xy, xnorm2, tol, *, sparsity: int, use_tol: bool, gram_inde
         jnp.zeros((batch, k), dtype),
         jnp.zeros((batch,), bool),
     )
-    support, _, _, _, gamma, _, _ = _loop(k, step, init)
+    # sparsity is small: unrolled on a CPU, whose loop bodies run slowly
+    support, _, _, _, gamma, _, _ = parallel.fori_loop(k, step, init)
     return support, jnp.where(support >= 0, gamma, 0.0)
 
 

@@ -21,6 +21,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -279,3 +280,16 @@ def to_host(x) -> np.ndarray:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
+
+
+def fori_loop(n: int, body, carry, unroll_max: int | None = None):
+    """`jax.lax.fori_loop(0, n, body, carry)`, unrolled at trace time on a CPU when n is at most
+    `unroll_max` (always, if None). XLA's CPU backend runs loop bodies several times slower than
+    the same ops at top level (jax-ml/jax#12868; PGD-5 on the quick config's CNN, batch 256:
+    30.8 s as a fori_loop, 4.3 s unrolled); compile time grows with the unrolled steps.
+    GPUs and TPUs always get the fori_loop."""
+    if jax.default_backend() == "cpu" and (unroll_max is None or n <= unroll_max):
+        for i in range(n):
+            carry = body(jnp.asarray(i, jnp.int32), carry)
+        return carry
+    return jax.lax.fori_loop(0, n, body, carry)
