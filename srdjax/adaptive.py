@@ -140,7 +140,7 @@ def soft_purify(p: purifier_lib.Purifier, x, *, top: int = 3, temperature: float
     return mixed + jax.lax.stop_gradient(jnp.clip(mixed, 0.0, 1.0) - mixed)
 
 
-def surrogate_logits(p: purifier_lib.Purifier, classifier, top: int, temperature: float, x):
+def surrogate_logits(p: purifier_lib.Purifier, classifier, x, *, top: int, temperature: float):
     """The real defense's logits classifier(purify(x)) as the value, the gradient of
     classifier(soft_purify(x)). (stop_gradient(a) + b − stop_gradient(b) equals a exactly: the
     difference of a finite float with itself is 0.)"""
@@ -197,9 +197,16 @@ def attack_images(name: str, d: Defense, x, y, *, eps, key, s):
         return attacks.pgd(fn, x, y, steps=s.transfer_steps, **common)
     if name == "selector":
         return selector_attack(d.purifier, x, y, steps=s.selector_steps, **common)
-    surrogate = Partial(surrogate_logits, d.purifier, d.classifier, s.surrogate_top,
-                        s.surrogate_temperature)
+    surrogate = Partial(_surrogate(s.surrogate_top, float(s.surrogate_temperature)),
+                        d.purifier, d.classifier)
     return attacks.pgd(surrogate, x, y, steps=s.surrogate_steps, **common)
+
+
+@functools.lru_cache(maxsize=None)
+def _surrogate(top: int, temperature: float):
+    """surrogate_logits with its static settings bound, one function object per setting (so
+    jitted attack steps that take it as a Partial compile once)."""
+    return functools.partial(surrogate_logits, top=top, temperature=temperature)
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,3 +225,13 @@ def sharded_attack(name: str, s, mesh):
 
     return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P(axis), P(axis), P(), P()),
                                  out_specs=P(axis), check_vma=False))
+
+
+def host_attack(name: str, s, mesh):
+    """attack_images with the attack's loops run from the host (see `attacks.LOOPS`), each
+    step one jitted program over the batch as it is sharded on `mesh`: the way to attack on a
+    CPU, where XLA runs loop bodies slowly and compiles long unrolled ones slowly. (Not one
+    program per device from threads: two programs at once starve XLA's CPU thread pool.)"""
+    def run(d, x, y, key, eps):
+        return attack_images(name, d, x, y, eps=eps, key=key, s=s)
+    return run

@@ -21,6 +21,7 @@ attack inside your own `jit`, where it inlines into the caller's trace (as a tra
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 from typing import Callable, NamedTuple
@@ -30,6 +31,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax.tree_util import Partial
 
 from srdjax import parallel
@@ -183,13 +186,102 @@ class Best:
         return self.update(other.x, other.loss, other.success)
 
 
-# Loops of at most UNROLL_MAX iterations are unrolled on a CPU (see `parallel.fori_loop`);
-# longer ones, and every loop on GPUs and TPUs, stay `fori_loop`s.
+# How attack loops run. Inside a caller's trace (a train step, a sharded evaluation program) they
+# are part of that program: `parallel.fori_loop`, unrolled on a CPU up to UNROLL_MAX iterations.
+# Called with concrete arrays, an attack runs its loops from the host, one jitted step per
+# iteration ("host"), or as one jitted program ("fused"). XLA's CPU backend runs loop bodies
+# several times slower than the same ops at top level (jax-ml/jax#12868; PGD-10 on the quick
+# config's CNN, 100 images: 7.5 s as a fori_loop, 1.6 s unrolled) and compiles long unrolled
+# loops slowly (20 steps through purify: minutes), so "auto" means host loops on a CPU and fused
+# programs on GPUs and TPUs, where a loop costs nothing and a dispatch does.
 UNROLL_MAX = 20
+LOOPS = "auto"     # "auto" | "host" | "fused"
+_HOST = contextvars.ContextVar("srdjax_attack_host_loops", default=False)
+
+
+def _use_host_loops() -> bool:
+    check(LOOPS in ("auto", "host", "fused"),
+          f"srdjax.attacks.LOOPS must be 'auto', 'host' or 'fused', got {LOOPS!r}")
+    return LOOPS == "host" or (LOOPS == "auto" and jax.default_backend() == "cpu")
+
+
+class _Step(NamedTuple):
+    """A loop body as data: `rule(settings, consts, i, carry)`. `rule` and the hashable
+    `settings` are static and `consts` a pytree of arrays, so one jitted step serves every
+    iteration and every call with the same shapes."""
+    rule: Callable
+    settings: tuple
+    consts: object
+
+    def __call__(self, i, carry):
+        return self.rule(self.settings, self.consts, i, carry)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _jit_apply(rule, settings, consts, *args):
+    return rule(settings, consts, *args)
+
+
+def _batch_mesh(leaves):
+    """The mesh over which some of `leaves` are split (along their first axis), if any."""
+    for leaf in leaves:
+        sharding = getattr(leaf, "sharding", None)
+        if (isinstance(sharding, NamedSharding) and sharding.mesh.size > 1
+                and len(sharding.spec) and sharding.spec[0] is not None):
+            return sharding.mesh
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _per_device_rule(rule, settings, treedef, specs, mesh):
+    """rule as one program run on every device's part of the batch (every result is per
+    sample). GSPMD's partitioning of purify's FFTs and OMP runs them at half the speed of
+    per-device programs on a 2-device CPU."""
+    def per_device(*leaves):
+        consts, args = jax.tree.unflatten(treedef, leaves)
+        return rule(settings, consts, *args)
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=specs,
+                                 out_specs=P(mesh.axis_names[0]), check_vma=False))
+
+
+def _host_apply(rule, settings, consts, *args):
+    leaves, treedef = jax.tree.flatten((consts, args))
+    mesh = _batch_mesh(leaves)
+    if mesh is None:
+        return _jit_apply(rule, settings, consts, *args)
+    batch = next(leaf.shape[0] for leaf in leaves if _batch_mesh([leaf]) is not None)
+    n_consts = len(jax.tree.leaves(consts))
+
+    def spec(index, leaf):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return sharding.spec
+        # Loop carries made on the host (e.g. Best.empty) are per sample: split them too.
+        per_sample = index >= n_consts and jnp.ndim(leaf) >= 1 and leaf.shape[0] == batch
+        return P(mesh.axis_names[0]) if per_sample else P()
+
+    specs = tuple(spec(i, leaf) for i, leaf in enumerate(leaves))
+    return _per_device_rule(rule, settings, treedef, specs, mesh)(*leaves)
+
+
+def _apply(rule, settings, consts, *args):
+    """rule(settings, consts, *args): jitted on its own in host mode, inline otherwise."""
+    if _HOST.get():
+        return _host_apply(rule, settings, consts, *args)
+    return rule(settings, consts, *args)
 
 
 def _loop(n: int, body, carry):
-    return parallel.fori_loop(n, body, carry, unroll_max=UNROLL_MAX)
+    """`n` iterations of body(i, carry): from the host in host mode (a `_Step` jitted once; any
+    other body, which must only compose `_apply`s, `_loop`s and cheap ops, called as it is), else
+    as one loop of the traced program."""
+    if _HOST.get() and all(is_concrete(leaf) for leaf in jax.tree.leaves(carry)):
+        for i in range(n):
+            i = jnp.asarray(i, jnp.int32)
+            carry = (_host_apply(body.rule, body.settings, body.consts, i, carry)
+                     if isinstance(body, _Step) else body(i, carry))
+        return carry
+    return parallel.fori_loop(n, lambda i, c: body(i, c), carry, unroll_max=UNROLL_MAX)
 
 
 def _value_and_grad(objective):
@@ -205,24 +297,57 @@ def _value_and_grad(objective):
     return call
 
 
-def _pgd_run(objective, x, start, eps, step_size, steps, norm):
+class _Goal(NamedTuple):
+    """What a gradient attack maximises and where: `_objective`'s arguments and the ball."""
+    fn: Callable
+    x: jax.Array
+    y: jax.Array | None
+    target: jax.Array | None
+    eps: jax.Array
+    confidence: jax.Array
+
+    def objective(self, loss):
+        return _objective(self.fn, loss, self.y, self.target, self.confidence)
+
+
+def _goal(fn, x, y, target, eps, confidence=jnp.inf):
+    return _Goal(fn, x, y, target, jnp.asarray(eps, x.dtype), jnp.asarray(confidence, jnp.float32))
+
+
+def _as_pytree(fn):
+    """`fn` as a pytree whose function part is static: a Partial as it is, else Partial(fn)."""
+    return fn if isinstance(fn, Partial) else Partial(fn)
+
+
+def _pgd_body(settings, consts, i, carry):
+    loss, norm = settings
+    goal, step_size = consts
+    nrm = NORMS[norm]
+    x_adv, best = carry
+    (value, success), grad = _value_and_grad(goal.objective(loss))(x_adv)
+    best = best.update(x_adv, value, success)
+    return nrm.project(x_adv + step_size * nrm.direction(grad), goal.x, goal.eps), best
+
+
+def _pgd_last(settings, goal, carry):
+    x_adv, best = carry
+    return best.update(x_adv, *goal.objective(settings[0])(x_adv))
+
+
+def _pgd_run(goal, start, step_size, steps, loss, norm):
     """One PGD run from `start`; returns the best point visited (the start included)."""
-    value_and_grad = _value_and_grad(objective)
-
-    def body(_, carry):
-        x_adv, best = carry
-        (loss, success), grad = value_and_grad(x_adv)
-        best = best.update(x_adv, loss, success)
-        return norm.project(x_adv + step_size * norm.direction(grad), x, eps), best
-
-    x_adv, best = _loop(steps, body, (start, Best.empty(x)))
-    return best.update(x_adv, *objective(x_adv))
+    settings = (loss, norm)
+    carry = _loop(steps, _Step(_pgd_body, settings, (goal, step_size)),
+                  (start, Best.empty(goal.x)))
+    return _apply(_pgd_last, settings, goal, carry)
 
 
 def _restarts(run, x, key, restarts, random_start, norm, eps):
     """Runs `run(start)` from `restarts` starts, keeping per sample the best result."""
+    nrm = NORMS[norm]
+
     def body(r, best):
-        start = norm.init(jax.random.fold_in(key, r), x, eps) if random_start else x
+        start = nrm.init(jax.random.fold_in(key, r), x, eps) if random_start else x
         return best.merge(run(start))
     best = _loop(restarts, body, Best.empty(x))
     return jax.lax.stop_gradient(best.x.astype(x.dtype))
@@ -232,30 +357,42 @@ def _restarts(run, x, key, restarts, random_start, norm, eps):
 
 
 def _compiled(impl, static):
-    """Jits `impl(fn, ...)` with `fn` static (cached by identity), or traced when it is a
-    `jax.tree_util.Partial`, or inlined when called inside another trace."""
+    """Calls `impl(fn, ...)`: inlined when called inside another trace; with concrete arrays,
+    from the host with jitted steps (host loops, see LOOPS), or as one jitted program with `fn`
+    static (cached by identity) or traced when it is a `jax.tree_util.Partial`."""
     by_identity = jax.jit(impl, static_argnames=("fn",) + static)
     by_value = jax.jit(impl, static_argnames=static)
 
     def call(fn, *args, **kwargs):
         if not all(is_concrete(leaf) for leaf in jax.tree.leaves((fn, args, kwargs))):
             return impl(fn, *args, **kwargs)
+        if _use_host_loops():
+            token = _HOST.set(True)
+            try:
+                return impl(_as_pytree(fn), *args, **kwargs)
+            finally:
+                _HOST.reset(token)
         return (by_value if isinstance(fn, Partial) else by_identity)(fn, *args, **kwargs)
     return call
 
 
+def _fgsm_rule(settings, goal):
+    nrm = NORMS[settings[0]]
+    (_, _), grad = _value_and_grad(goal.objective("ce"))(goal.x)
+    return nrm.project(goal.x + goal.eps * nrm.direction(grad), goal.x, goal.eps)
+
+
 def _fgsm_impl(fn, x, y, target, eps, *, norm):
-    (_, _), grad = _value_and_grad(_objective(fn, "ce", y, target))(x)
-    nrm = NORMS[norm]
-    return jax.lax.stop_gradient(nrm.project(x + eps * nrm.direction(grad), x, eps).astype(x.dtype))
+    adv = _apply(_fgsm_rule, (norm,), _goal(fn, x, y, target, eps))
+    return jax.lax.stop_gradient(adv.astype(x.dtype))
 
 
 def _pgd_impl(fn, x, y, target, eps, step_size, confidence, key, *, steps, norm, loss, restarts,
               random_start):
-    objective = _objective(fn, loss, y, target, confidence)
-    nrm = NORMS[norm]
-    run = lambda start: _pgd_run(objective, x, start, eps, step_size, steps, nrm)
-    return _restarts(run, x, key, restarts, random_start, nrm, eps)
+    goal = _goal(fn, x, y, target, eps, confidence)
+    step_size = jnp.asarray(step_size, x.dtype)
+    run = lambda start: _pgd_run(goal, start, step_size, steps, loss, norm)
+    return _restarts(run, x, key, restarts, random_start, norm, goal.eps)
 
 
 _fgsm = _compiled(_fgsm_impl, ("norm",))
@@ -390,56 +527,62 @@ class ApgdState:
     out: Best                # what is returned: a success if any, else highest loss
 
 
-def _apgd_run(objective, x, start, eps, steps, norm, alpha, rho):
-    value_and_grad = _value_and_grad(objective)
+def _apgd_init(settings, goal, start):
+    loss, _, _, _ = settings
+    (loss0, success0), grad0 = _value_and_grad(goal.objective(loss))(start)
+    n = start.shape[0]
+    return ApgdState(start, start, grad0, loss0, jnp.full((n,), 2.0, loss0.dtype) * goal.eps,
+                     start, loss0, grad0, jnp.zeros((n,), jnp.int32), loss0,
+                     jnp.ones((n,), jnp.bool_), Best.empty(goal.x).update(start, loss0, success0))
+
+
+def _apgd_body(settings, consts, i, s):
+    loss_name, norm, alpha, rho = settings
+    goal, at_check, length = consts
+    nrm, x, eps = NORMS[norm], goal.x, goal.eps
+    # The first step has no momentum; later ones mix alpha of the new step with 1 - alpha of
+    # the previous move.
+    a = jnp.where(i == 0, 1.0, alpha)
+    z = nrm.project(s.x_adv + _per_sample(s.step, x) * nrm.direction(s.grad), x, eps)
+    x_new = nrm.project(s.x_adv + a * (z - s.x_adv) + (1 - a) * (s.x_adv - s.x_prev), x, eps)
+    (loss, success), grad = _value_and_grad(goal.objective(loss_name))(x_new)
+    improved = loss > s.loss_max
+    x_max = jnp.where(_per_sample(improved, x), x_new, s.x_max)
+    grad_max = jnp.where(_per_sample(improved, x), grad, s.grad_max)
+    loss_max = jnp.where(improved, loss, s.loss_max)
+    increases = s.increases + (loss > s.loss)
+    # Halve the step and go back to the best point when too few steps raised the loss
+    # (condition 1), or when neither step nor best loss changed since the last checkpoint.
+    few_increases = increases < rho * length[i]
+    stalled = ~s.reduced_at_check & (s.loss_max_at_check >= loss_max)
+    reduce = at_check[i] & (few_increases | stalled)
+    back = _per_sample(reduce, x)
+    return ApgdState(
+        x_adv=jnp.where(back, x_max, x_new), x_prev=s.x_adv,
+        grad=jnp.where(back, grad_max, grad), loss=jnp.where(reduce, loss_max, loss),
+        step=jnp.where(reduce, s.step / 2, s.step), x_max=x_max, loss_max=loss_max,
+        grad_max=grad_max, increases=jnp.where(at_check[i], 0, increases),
+        loss_max_at_check=jnp.where(at_check[i], loss_max, s.loss_max_at_check),
+        reduced_at_check=jnp.where(at_check[i], reduce, s.reduced_at_check),
+        out=s.out.update(x_new, loss, success))
+
+
+def _apgd_run(goal, start, steps, settings):
     points = apgd_checkpoints(steps)
     at_check = np.zeros(steps, bool)
     length = np.ones(steps, np.float32)
     for prev, w in zip([0] + points[:-1], points):
         at_check[w - 1], length[w - 1] = True, w - prev
-    at_check, length = jnp.asarray(at_check), jnp.asarray(length)
-    (loss0, success0), grad0 = value_and_grad(start)
-    n = x.shape[0]
-    state = ApgdState(start, start, grad0, loss0, jnp.full((n,), 2.0, loss0.dtype) * eps,
-                      start, loss0, grad0, jnp.zeros((n,), jnp.int32), loss0,
-                      jnp.ones((n,), jnp.bool_), Best.empty(x).update(start, loss0, success0))
-
-    def body(i, s):
-        # The first step has no momentum; later ones mix alpha of the new step with 1 - alpha of
-        # the previous move.
-        a = jnp.where(i == 0, 1.0, alpha)
-        z = norm.project(s.x_adv + _per_sample(s.step, x) * norm.direction(s.grad), x, eps)
-        x_new = norm.project(s.x_adv + a * (z - s.x_adv) + (1 - a) * (s.x_adv - s.x_prev), x, eps)
-        (loss, success), grad = value_and_grad(x_new)
-        improved = loss > s.loss_max
-        x_max = jnp.where(_per_sample(improved, x), x_new, s.x_max)
-        grad_max = jnp.where(_per_sample(improved, x), grad, s.grad_max)
-        loss_max = jnp.where(improved, loss, s.loss_max)
-        increases = s.increases + (loss > s.loss)
-        # Halve the step and go back to the best point when too few steps raised the loss
-        # (condition 1), or when neither step nor best loss changed since the last checkpoint.
-        few_increases = increases < rho * length[i]
-        stalled = ~s.reduced_at_check & (s.loss_max_at_check >= loss_max)
-        reduce = at_check[i] & (few_increases | stalled)
-        back = _per_sample(reduce, x)
-        return ApgdState(
-            x_adv=jnp.where(back, x_max, x_new), x_prev=s.x_adv,
-            grad=jnp.where(back, grad_max, grad), loss=jnp.where(reduce, loss_max, loss),
-            step=jnp.where(reduce, s.step / 2, s.step), x_max=x_max, loss_max=loss_max,
-            grad_max=grad_max, increases=jnp.where(at_check[i], 0, increases),
-            loss_max_at_check=jnp.where(at_check[i], loss_max, s.loss_max_at_check),
-            reduced_at_check=jnp.where(at_check[i], reduce, s.reduced_at_check),
-            out=s.out.update(x_new, loss, success))
-
-    return _loop(steps, body, state).out
+    state = _apply(_apgd_init, settings, goal, start)
+    step = _Step(_apgd_body, settings, (goal, jnp.asarray(at_check), jnp.asarray(length)))
+    return _loop(steps, step, state).out
 
 
 def _apgd_impl(fn, x, y, target, eps, key, *, steps, norm, loss, restarts, random_start, alpha,
                rho):
-    objective = _objective(fn, loss, y, target)
-    nrm = NORMS[norm]
-    run = lambda start: _apgd_run(objective, x, start, eps, steps, nrm, alpha, rho)
-    return _restarts(run, x, key, restarts, random_start, nrm, eps)
+    goal = _goal(fn, x, y, target, eps)
+    run = lambda start: _apgd_run(goal, start, steps, (loss, norm, alpha, rho))
+    return _restarts(run, x, key, restarts, random_start, norm, goal.eps)
 
 
 _apgd = _compiled(_apgd_impl, ("steps", "norm", "loss", "restarts", "random_start", "alpha", "rho"))
@@ -484,53 +627,72 @@ def square_sizes(n_queries: int, p_init: float, height: int, width: int) -> np.n
     return np.asarray(sizes, np.int32).reshape(-1)
 
 
-def _square_impl(fn, x, y, target, eps, key, *, n_queries, p_init):
-    n, h, w, c = x.shape
+class _SquareGoal(NamedTuple):
+    fn: Callable
+    x: jax.Array
+    y: jax.Array
+    target: jax.Array | None
+    eps: jax.Array
+    key: jax.Array
+    sizes: jax.Array      # the window side of each proposal
 
-    def margin(u):  # below zero = success; the attack minimises it
-        logits = fn(u)
-        chex.assert_shape(logits, (n, None))
-        if target is None:
-            return _logit_of(logits, y) - _best_other(logits, y)
-        return _best_other(logits, target) - _logit_of(logits, target)
 
-    k_init, k_loop = jax.random.split(key)
+def _square_margin(g: _SquareGoal, u):
+    """Below zero = success; the attack minimises it."""
+    logits = g.fn(u)
+    chex.assert_shape(logits, (g.x.shape[0], None))
+    if g.target is None:
+        return _logit_of(logits, g.y) - _best_other(logits, g.y)
+    return _best_other(logits, g.target) - _logit_of(logits, g.target)
+
+
+def _square_init(settings, g, key):
     # Start: vertical stripes of +-eps, kept only where they beat the clean image.
-    stripes = jnp.clip(x + eps * jax.random.rademacher(k_init, (n, 1, w, c), x.dtype), 0.0, 1.0)
-    m_clean, m_stripes = margin(x), margin(stripes)
+    x = g.x
+    n, _, w, c = x.shape
+    stripes = jnp.clip(x + g.eps * jax.random.rademacher(key, (n, 1, w, c), x.dtype), 0.0, 1.0)
+    m_clean, m_stripes = _square_margin(g, x), _square_margin(g, stripes)
     use = m_stripes < m_clean
-    best = jnp.where(_per_sample(use, x), stripes, x)
-    m_best = jnp.where(use, m_stripes, m_clean)
-    # One spare entry so that a budget of one query still traces the (never run) loop body.
-    sizes = jnp.asarray(np.append(square_sizes(n_queries, p_init, h, w), 1))
+    return jnp.where(_per_sample(use, x), stripes, x), jnp.where(use, m_stripes, m_clean)
+
+
+def _square_body(settings, g, i, carry):
+    best, m_best = carry
+    x, eps = g.x, g.eps
+    n, h, w, c = x.shape
     rows = jnp.arange(h)[None, :, None, None]
     cols = jnp.arange(w)[None, None, :, None]
     channel_bits = jnp.arange(min(c, 30))
+    s = g.sizes[i]
+    k_top, k_left, k_sign, k_flip = jax.random.split(jax.random.fold_in(g.key, i), 4)
+    top = jax.random.randint(k_top, (n, 1, 1, 1), 0, h - s + 1)
+    left = jax.random.randint(k_left, (n, 1, 1, 1), 0, w - s + 1)
+    window = (rows >= top) & (rows < top + s) & (cols >= left) & (cols < left + s)
+    signs = jax.random.rademacher(k_sign, (n, 1, 1, c), x.dtype)
+    proposal = lambda sg: jnp.where(window, jnp.clip(x + eps * sg, 0.0, 1.0), best)
+    # A draw that leaves the window as it is wastes a query: redraw among the other sign
+    # patterns (flip a random non-empty subset of channels), as the original's rejection loop.
+    same = jnp.all(jnp.where(window, jnp.abs(proposal(signs) - best) < 1e-7, True),
+                   axis=(1, 2, 3))
+    pattern = jax.random.randint(k_flip, (n,), 1, 2 ** channel_bits.size)
+    flips = 1 - 2 * ((pattern[:, None] >> channel_bits) & 1)
+    flips = jnp.pad(flips, ((0, 0), (0, c - channel_bits.size)), constant_values=1)
+    signs = jnp.where(_per_sample(same, signs), signs * flips[:, None, None, :], signs)
+    candidate = proposal(signs)
+    m_new = _square_margin(g, candidate)
+    accept = (m_new < m_best) & (m_best > 0)
+    return (jnp.where(_per_sample(accept, x), candidate, best),
+            jnp.where(accept, m_new, m_best))
 
-    def body(i, carry):
-        best, m_best = carry
-        s = sizes[i]
-        k_top, k_left, k_sign, k_flip = jax.random.split(jax.random.fold_in(k_loop, i), 4)
-        top = jax.random.randint(k_top, (n, 1, 1, 1), 0, h - s + 1)
-        left = jax.random.randint(k_left, (n, 1, 1, 1), 0, w - s + 1)
-        window = (rows >= top) & (rows < top + s) & (cols >= left) & (cols < left + s)
-        signs = jax.random.rademacher(k_sign, (n, 1, 1, c), x.dtype)
-        proposal = lambda sg: jnp.where(window, jnp.clip(x + eps * sg, 0.0, 1.0), best)
-        # A draw that leaves the window as it is wastes a query: redraw among the other sign
-        # patterns (flip a random non-empty subset of channels), as the original's rejection loop.
-        same = jnp.all(jnp.where(window, jnp.abs(proposal(signs) - best) < 1e-7, True),
-                       axis=(1, 2, 3))
-        pattern = jax.random.randint(k_flip, (n,), 1, 2 ** channel_bits.size)
-        flips = 1 - 2 * ((pattern[:, None] >> channel_bits) & 1)
-        flips = jnp.pad(flips, ((0, 0), (0, c - channel_bits.size)), constant_values=1)
-        signs = jnp.where(_per_sample(same, signs), signs * flips[:, None, None, :], signs)
-        candidate = proposal(signs)
-        m_new = margin(candidate)
-        accept = (m_new < m_best) & (m_best > 0)
-        return (jnp.where(_per_sample(accept, x), candidate, best),
-                jnp.where(accept, m_new, m_best))
 
-    best, _ = jax.lax.fori_loop(0, n_queries - 1, body, (best, m_best))
+def _square_impl(fn, x, y, target, eps, key, *, n_queries, p_init):
+    _, h, w, _ = x.shape
+    k_init, k_loop = jax.random.split(key)
+    # One spare entry so that a budget of one query still traces the (never run) loop body.
+    sizes = jnp.asarray(np.append(square_sizes(n_queries, p_init, h, w), 1))
+    g = _SquareGoal(fn, x, y, target, jnp.asarray(eps, x.dtype), k_loop, sizes)
+    carry = _apply(_square_init, (), g, k_init)
+    best, _ = _loop(n_queries - 1, _Step(_square_body, (), g), carry)
     return jax.lax.stop_gradient(best.astype(x.dtype))
 
 

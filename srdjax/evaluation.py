@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from srdjax import adaptive, parallel, stages
+from srdjax import adaptive, attacks, parallel, stages
 from srdjax import purifier as purifier_lib
 from srdjax.adaptive import Classifier, Defense, defense_logits, sharded_attack
 from srdjax.checkpoints import atomic_write_json, atomic_write_text
@@ -227,6 +227,13 @@ def predict_correct(d: Defense, x, y, s: Settings, mesh) -> np.ndarray:
     return _map_batches(lambda xb, yb: _predict(d, xb), x, y, s, mesh) == y
 
 
+def _attack_program(attack: str, s: Settings, mesh):
+    """Host loops on a CPU (or when attacks.LOOPS says so), else one sharded program."""
+    if attacks._use_host_loops():
+        return adaptive.host_attack(attack, s, mesh)
+    return sharded_attack(attack, s, mesh)
+
+
 def attack_matrix(built: dict, attack_names, x, y, *, eps: float, s: Settings, mesh,
                   source: Defense | None = None, desc: str = "attacks") -> dict:
     """At one ε: per (defense, attack) that applies, whether each image is still classified
@@ -239,7 +246,7 @@ def attack_matrix(built: dict, attack_names, x, y, *, eps: float, s: Settings, m
     bar = tqdm(total=len(cells) * len(batches), desc=desc, unit="batch", dynamic_ncols=True,
                disable=not parallel.is_main_process())
     for attack, name in cells:
-        d, run = built[name], sharded_attack(attack, s, mesh)
+        d, run = built[name], _attack_program(attack, s, mesh)
         bar.set_postfix_str(f"{name} × {attack}")
         start_time, parts = time.time(), []
         for b, (lo, hi) in enumerate(batches):

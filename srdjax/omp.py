@@ -268,4 +268,34 @@ def least_squares_on_support(dictionary, signals, support):
     k = support.shape[1]
     gram = gram + jnp.eye(k, dtype=gram.dtype) * (~used)[:, None, :]
     rhs = jnp.einsum("nkd,nd->nk", atoms, signals)
-    return jnp.linalg.solve(gram, rhs[..., None])[..., 0]
+    return spd_solve(gram, rhs)
+
+
+def spd_solve(a, b):
+    """x with a @ x = b for a batch of small symmetric positive-definite systems, a [n, k, k],
+    b [n, k]: Cholesky and two triangular solves written out over the k (≤ a few dozen) entries,
+    in elementwise ops only, differentiable by JAX.
+
+    Not `jnp.linalg.solve`: on a CPU it calls LAPACK, whose batched kernel waits on XLA's
+    intra-op thread pool from inside that pool; when two host devices run it at once (an attack
+    step over a batch split across 2 devices on 2 cores) every pool thread waits and the
+    program deadlocks. On accelerators these few-dozen-flop systems cost nothing either way."""
+    chex.assert_rank([a, b], [3, 2])
+    k = a.shape[-1]
+    chol = [[None] * k for _ in range(k)]               # chol[i][j], j <= i: arrays [n]
+    for j in range(k):
+        diag = a[:, j, j] - sum((chol[j][m] ** 2 for m in range(j)), jnp.zeros_like(a[:, 0, 0]))
+        chol[j][j] = jnp.sqrt(jnp.maximum(diag, jnp.finfo(a.dtype).tiny))
+        for i in range(j + 1, k):
+            off = a[:, i, j] - sum((chol[i][m] * chol[j][m] for m in range(j)),
+                                   jnp.zeros_like(a[:, 0, 0]))
+            chol[i][j] = off / chol[j][j]
+    y = []
+    for i in range(k):                                   # L y = b
+        y.append((b[:, i] - sum((chol[i][m] * y[m] for m in range(i)),
+                                jnp.zeros_like(b[:, 0]))) / chol[i][i])
+    x = [None] * k
+    for i in reversed(range(k)):                         # L^T x = y
+        x[i] = (y[i] - sum((chol[m][i] * x[m] for m in range(i + 1, k)),
+                           jnp.zeros_like(b[:, 0]))) / chol[i][i]
+    return jnp.stack(x, axis=-1)

@@ -339,3 +339,34 @@ def test_bad_inputs(linear2):
     for call, message in cases:
         with pytest.raises(SrdjaxError, match=message):
             call()
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "apgd", "square"])
+def test_host_loops_equal_one_compiled_program(trained_cnn, name, monkeypatch):
+    # Host loops (one jitted step per iteration, the CPU default) and one fused program (a
+    # fori_loop: 25 steps and 30 queries are past UNROLL_MAX) run the same iterations.
+    logits_fn, x, y = trained_cnn
+    x, y = x[:32], y[:32]
+    run = {"fgsm": lambda: attacks.fgsm(logits_fn, x, y, eps=2 / 255),
+           "pgd": lambda: attacks.pgd(logits_fn, x, y, eps=2 / 255, key=KEY, steps=25,
+                                      restarts=2, loss="dlr"),
+           "apgd": lambda: attacks.apgd(logits_fn, x, y, eps=2 / 255, key=KEY, steps=25),
+           "square": lambda: attacks.square(logits_fn, x, y, eps=4 / 255, key=KEY,
+                                            n_queries=30)}[name]
+    out = {}
+    for mode in ("host", "fused"):
+        monkeypatch.setattr(attacks, "LOOPS", mode)
+        out[mode] = np.asarray(run())
+    assert np.abs(out["host"] - x).max() > 0  # it moved
+    # Float reassociation between the two programs may flip a sign step at a near-zero
+    # gradient; all but a few pixels agree exactly and none by more than 2 ε.
+    differ = np.abs(out["host"] - out["fused"]) > 1e-6
+    assert differ.mean() < 0.01, differ.mean()
+    np.testing.assert_allclose(out["host"], out["fused"], atol=2 * 4 / 255)
+
+
+def test_bad_loop_mode(linear2, monkeypatch):
+    logits_fn, x, y, _ = linear2
+    monkeypatch.setattr(attacks, "LOOPS", "sometimes")
+    with pytest.raises(SrdjaxError, match="LOOPS must be"):
+        attacks.pgd(logits_fn, x, y, eps=0.01, key=KEY, steps=2)
