@@ -13,7 +13,9 @@ mode), so a batch sharded over devices is attacked where it lies.
 
 Jitting: called with concrete arrays, an attack runs one compiled function cached on `logits_fn`
 (by identity, so keep one function object rather than a fresh lambda per call) and on the static
-settings; ε, step sizes, keys and images are traced, so new values do not recompile. What a
+settings; ε, step sizes, keys and images are traced, so new values do not recompile. On a CPU
+(`LOOPS = "auto"`) it instead runs its loop from the host, one compiled step per iteration,
+cached the same way (see LOOPS below for why). What a
 static `logits_fn` closes over is compiled in as constants: a model whose weights change in place
 (an NNX model during training) would be attacked with stale weights. Pass such weights as traced
 arguments with `jax.tree_util.Partial(apply, params)` (new weights, no recompile), or call the
