@@ -230,8 +230,7 @@ def sharded_attack(name: str, s, mesh):
 def host_attack(name: str, s, mesh):
     """attack_images with the attack's loops run from the host (see `attacks.LOOPS`), each
     step one jitted program over the batch as it is sharded on `mesh`: the way to attack on a
-    CPU, where XLA runs loop bodies slowly and compiles long unrolled ones slowly. (Not one
-    program per device from threads: two programs at once starve XLA's CPU thread pool.)"""
+    CPU, where XLA runs loop bodies slowly and compiles long unrolled ones slowly."""
     def run(d, x, y, key, eps):
         return attack_images(name, d, x, y, eps=eps, key=key, s=s)
     return run

@@ -224,21 +224,21 @@ def _jit_apply(rule, settings, consts, *args):
     return rule(settings, consts, *args)
 
 
-def _batch_mesh(leaves):
-    """The mesh over which some of `leaves` are split (along their first axis), if any."""
+def _split_leaf(leaves):
+    """The first of `leaves` split along its first axis over a mesh of several devices."""
     for leaf in leaves:
         sharding = getattr(leaf, "sharding", None)
         if (isinstance(sharding, NamedSharding) and sharding.mesh.size > 1
                 and len(sharding.spec) and sharding.spec[0] is not None):
-            return sharding.mesh
+            return leaf
     return None
 
 
 @functools.lru_cache(maxsize=None)
 def _per_device_rule(rule, settings, treedef, specs, mesh):
     """rule as one program run on every device's part of the batch (every result is per
-    sample). GSPMD's partitioning of purify's FFTs and OMP runs them at half the speed of
-    per-device programs on a 2-device CPU."""
+    sample). Plain jit over the sharded batch (GSPMD) was slower through purify: PGD-10 on 100
+    images, purify → baseline, 24.1 s against 19.4 s in an ad-hoc timing on 2 CPU devices."""
     def per_device(*leaves):
         consts, args = jax.tree.unflatten(treedef, leaves)
         return rule(settings, consts, *args)
@@ -248,10 +248,10 @@ def _per_device_rule(rule, settings, treedef, specs, mesh):
 
 def _host_apply(rule, settings, consts, *args):
     leaves, treedef = jax.tree.flatten((consts, args))
-    mesh = _batch_mesh(leaves)
-    if mesh is None:
+    split = _split_leaf(leaves)
+    if split is None:
         return _jit_apply(rule, settings, consts, *args)
-    batch = next(leaf.shape[0] for leaf in leaves if _batch_mesh([leaf]) is not None)
+    mesh, batch = split.sharding.mesh, split.shape[0]
     n_consts = len(jax.tree.leaves(consts))
 
     def spec(index, leaf):
@@ -283,6 +283,7 @@ def _loop(n: int, body, carry):
             carry = (_host_apply(body.rule, body.settings, body.consts, i, carry)
                      if isinstance(body, _Step) else body(i, carry))
         return carry
+    # (fori_loop keeps a weak reference to its body, which a _Step, a tuple, cannot give.)
     return parallel.fori_loop(n, lambda i, c: body(i, c), carry, unroll_max=UNROLL_MAX)
 
 
