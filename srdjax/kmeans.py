@@ -19,6 +19,8 @@ import chex
 import jax
 import jax.numpy as jnp
 from flax import struct
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
 
 from srdjax.checks import check, is_concrete
 
@@ -101,21 +103,25 @@ def _reseed_empty(x, v, mean, labels, mind, sums, counts, active):
     """Give every empty active cluster one of the points farthest from their centers.
 
     As scikit-learn does: the point leaves its old cluster's sums, so no mass is counted twice.
+    Returns sums, counts and, per cluster, the row it was given (len(x), out of range, for a
+    cluster that was not empty).
     """
-    k = counts.shape[0]
+    k, n = counts.shape[0], x.shape[0]
     empty = active & (counts == 0)
 
     def reseed(args):
-        sums, counts = args
+        sums, counts, _ = args
         _, far = jax.lax.top_k(jnp.where(v > 0, mind, -1.0), k)
         pick = far[jnp.clip(jnp.cumsum(empty) - 1, 0, k - 1)]
         points, old = x[pick] - mean, labels[pick]
         e = empty.astype(x.dtype)
         sums = sums.at[old].add(-points * e[:, None])
         counts = counts.at[old].add(-e)
-        return jnp.where(empty[:, None], points, sums), jnp.where(empty, 1.0, counts)
+        return (jnp.where(empty[:, None], points, sums), jnp.where(empty, 1.0, counts),
+                jnp.where(empty, pick, n))
 
-    return jax.lax.cond(jnp.any(empty), reseed, lambda a: a, (sums, counts))
+    none = jnp.full((k,), n, jnp.int32)
+    return jax.lax.cond(jnp.any(empty), reseed, lambda a: a, (sums, counts, none))
 
 
 def _lloyd(data, centers, active, tol_abs, max_iter, layout):
@@ -129,7 +135,7 @@ def _lloyd(data, centers, active, tol_abs, max_iter, layout):
     def body(state):
         it, old, _ = state
         sums, counts, _, labels, mind = _assign(x, x_sq, v, mean, old, active, layout)
-        sums, counts = _reseed_empty(x, v, mean, labels, mind, sums, counts, active)
+        sums, counts, _ = _reseed_empty(x, v, mean, labels, mind, sums, counts, active)
         new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], old)
         return it + 1, new, jnp.sum((new - old) ** 2)
 
@@ -139,6 +145,136 @@ def _lloyd(data, centers, active, tol_abs, max_iter, layout):
 
     init = (jnp.zeros((), jnp.int32), centers, jnp.array(jnp.inf, x.dtype))
     n_iter, centers, _ = jax.lax.while_loop(cond, body, init)
+    _, _, inertia, labels, _ = _assign(x, x_sq, v, mean, centers, active, layout)
+    return centers, labels, inertia, n_iter
+
+
+# Rows read per block by the pruned Lloyd pass (a [block, d] gather, then [block, k] distances).
+PRUNE_BLOCK = 512
+
+
+def _top2(d2):
+    """Nearest index, smallest and second-smallest of squared distances d2 [..., k]."""
+    label = jnp.argmin(d2, -1).astype(jnp.int32)
+    second = jnp.min(jnp.where(jnp.arange(d2.shape[-1]) == label[..., None], jnp.inf, d2), -1)
+    return label, jnp.min(d2, -1), second
+
+
+def _sweep(x, x_sq, v, mean, centers, active, labels, upper, lower, need, *, block, axis):
+    """Exact nearest and second-nearest active center for the rows where `need` (this device's).
+
+    Only those rows are read: their indices are compacted and handled `block` at a time, so a
+    late Lloyd iteration in which few points can change cluster costs a few blocks instead of a
+    pass over x. Returns the updated labels, upper (distance to the nearest center) and lower
+    (to the second nearest), and the change of the centered per-cluster sums and counts caused
+    by rows that changed cluster, summed over `axis` when run per device. Label k (a spare
+    segment) means "in no cluster yet".
+    """
+    p, k = x.shape[0], centers.shape[0]
+    count = jnp.sum(need)
+    idx = jnp.nonzero(need, size=-(-p // block) * block, fill_value=0)[0]
+    seg = lambda a, i: jax.ops.segment_sum(a, i, k + 1)[:k]  # noqa: E731  drops segment k
+
+    def body(state):
+        b, labels, upper, lower, dsums, dcounts = state
+        rows = jax.lax.dynamic_slice(idx, (b * block,), (block,))
+        ok = b * block + jnp.arange(block) < count
+        xb = x[rows]
+        new, first, second = _top2(
+            jnp.where(active, _sqdist(xb, x_sq[rows], centers, mean), jnp.inf))
+        old = labels[rows]
+        moved = ok & (new != old)
+        into, outof = jnp.where(moved, new, k), jnp.where(moved, old, k)
+        w = v[rows] * moved
+        xc = (xb - mean) * w[:, None]
+        dsums = dsums + seg(xc, into) - seg(xc, outof)
+        dcounts = dcounts + seg(w, into) - seg(w, outof)
+        at = jnp.where(ok, rows, p)  # out of range: dropped
+        return (b + 1, labels.at[at].set(new, mode="drop"),
+                upper.at[at].set(jnp.sqrt(first), mode="drop"),
+                lower.at[at].set(jnp.sqrt(second), mode="drop"), dsums, dcounts)
+
+    init = (jnp.zeros((), jnp.int32), labels, upper, lower, jnp.zeros_like(centers),
+            jnp.zeros((k,), x.dtype))
+    _, labels, upper, lower, dsums, dcounts = jax.lax.while_loop(
+        lambda st: st[0] * block < count, body, init)
+    if axis is not None:
+        dsums, dcounts = jax.lax.psum((dsums, dcounts), axis)
+    return labels, upper, lower, dsums, dcounts
+
+
+def _sweeper(mesh, block):
+    """`_sweep` over all rows: run on every device's rows (shard_map) when x is split by rows."""
+    if mesh is None:
+        return functools.partial(_sweep, block=block, axis=None)
+    axis = mesh.axis_names[0]
+    rows, rep = P(axis), P()
+    return jax.shard_map(functools.partial(_sweep, block=block, axis=axis), mesh=mesh,
+                         in_specs=(rows, rows, rows, rep, rep, rep, rows, rows, rows, rows),
+                         out_specs=(rows, rows, rows, rep, rep), check_vma=False)
+
+
+def _lloyd_pruned(data, centers, active, tol_abs, max_iter, layout, mesh):
+    """`_lloyd` with Hamerly's bounds: the same iterations, reading only rows that may move.
+
+    Every row keeps an upper bound u on its distance to its center and a lower bound l on its
+    distance to any other center. After the centers move by shift_j, u grows by its center's
+    shift and l shrinks by the largest shift of another center; a row can only change cluster
+    if u > max(l, s_a), s_a half the distance from its center to the nearest other one (Hamerly,
+    "Making k-means even faster", SDM 2010). Only those rows are re-measured (exactly), and the
+    per-cluster sums are updated by the rows that moved instead of being summed again. On a CPU
+    a Lloyd pass is bound by reading x; late iterations, where few rows are near a boundary,
+    then cost a fraction of a pass. Empty clusters are re-seeded as in `_lloyd`.
+    """
+    x, x_sq, v, mean = data
+    k = centers.shape[0]
+    real = v > 0
+    sweep = _sweeper(mesh, PRUNE_BLOCK)
+    slot = lambda labels: jnp.minimum(labels, k - 1)  # noqa: E731  label k: no cluster yet
+
+    def half_gap(c):
+        gap = jnp.sum((c[:, None] - c[None]) ** 2, -1)
+        gap = jnp.where(active[None] & ~jnp.eye(k, dtype=bool), gap, jnp.inf)
+        return 0.5 * jnp.sqrt(jnp.min(gap, -1))
+
+    def body(state):
+        it, old, labels, upper, lower, sums, counts, _ = state
+        need = real & (upper > jnp.maximum(half_gap(old)[slot(labels)], lower))
+        labels, upper, lower, ds, dc = sweep(x, x_sq, v, mean, old, active, labels, upper,
+                                             lower, need)
+        sums, counts = sums + ds, counts + dc
+
+        def reseed(args):  # rare: exact distances of every row, then `_reseed_empty`'s rule
+            labels, upper, lower, sums, counts = args
+            labels, upper, lower, ds, dc = sweep(x, x_sq, v, mean, old, active, labels, upper,
+                                                 lower, real)
+            sums, counts, pick = _reseed_empty(x, v, mean, labels, upper ** 2, sums + ds,
+                                               counts + dc, active)
+            return (labels.at[pick].set(jnp.arange(k, dtype=jnp.int32), mode="drop"),
+                    upper.at[pick].set(0.0, mode="drop"), lower.at[pick].set(0.0, mode="drop"),
+                    sums, counts)
+
+        labels, upper, lower, sums, counts = jax.lax.cond(
+            jnp.any(active & (counts == 0)), reseed, lambda a: a,
+            (labels, upper, lower, sums, counts))
+        new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], old)
+        shift = jnp.sqrt(jnp.sum((new - old) ** 2, -1))
+        top = jnp.argmax(shift)
+        others = jnp.where(jnp.arange(k) == top, 0.0, shift).max()  # largest but the top one
+        upper = upper + shift[slot(labels)]
+        lower = lower - jnp.where(labels == top, others, shift[top])
+        return it + 1, new, labels, upper, lower, sums, counts, jnp.sum(shift ** 2)
+
+    def cond(state):
+        return (state[0] < max_iter) & (state[-1] > tol_abs)
+
+    n = x.shape[0]
+    init = (jnp.zeros((), jnp.int32), centers, jnp.full((n,), k, jnp.int32),
+            jnp.where(real, jnp.inf, 0.0).astype(x.dtype),
+            jnp.where(real, 0.0, jnp.inf).astype(x.dtype), jnp.zeros_like(centers),
+            jnp.zeros((k,), x.dtype), jnp.array(jnp.inf, x.dtype))
+    state = jax.lax.while_loop(cond, body, init)
+    n_iter, centers = state[0], state[1]
     _, _, inertia, labels, _ = _assign(x, x_sq, v, mean, centers, active, layout)
     return centers, labels, inertia, n_iter
 
@@ -197,14 +333,24 @@ def _runs(fn, xs, vectorize):
     return jax.vmap(fn)(xs) if vectorize else jax.lax.map(fn, xs)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "n_init", "max_iter", "layout", "vectorize"))
-def _fit(key, x, v, tol, *, k, n_init, max_iter, layout, vectorize):
+def _lloyd_for(vectorize, mesh):
+    """Plain Lloyd passes when vmapped (accelerators: lockstep, every row every time), else the
+    pruned ones (CPU: one fit at a time, bound by reading x)."""
+    if vectorize:
+        return _lloyd
+    return functools.partial(_lloyd_pruned, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "n_init", "max_iter", "layout", "vectorize",
+                                             "mesh"))
+def _fit(key, x, v, tol, *, k, n_init, max_iter, layout, vectorize, mesh):
     data, mean_var = _prepare(x, v)
     active = jnp.ones(k, bool)
+    lloyd = _lloyd_for(vectorize, mesh)
 
     def one(key):
         init = _kmeans_plusplus(key, data, k, _n_trials(k))
-        return _lloyd(data, init, active, tol * mean_var, max_iter, layout)
+        return lloyd(data, init, active, tol * mean_var, max_iter, layout)
 
     centers, labels, inertia, n_iter = _runs(one, jax.random.split(key, n_init), vectorize)
     best = jnp.argmin(inertia)
@@ -282,9 +428,10 @@ def _bic_scores(data, centers, labels, var_floor, layout):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "k_max", "n_init", "max_iter", "criterion", "sample", "layout", "chunk_size", "vectorize"))
+    "k_max", "n_init", "max_iter", "criterion", "sample", "layout", "chunk_size", "vectorize",
+    "mesh"))
 def _fit_adaptive(key, x, v, tol, threshold, *, k_max, n_init, max_iter, criterion, sample,
-                  layout, chunk_size, vectorize):
+                  layout, chunk_size, vectorize, mesh):
     data, mean_var = _prepare(x, v)
     init_key, sample_key = jax.random.split(key)
     inits = jax.vmap(lambda r: _kmeans_plusplus(r, data, k_max, _n_trials(k_max)))(
@@ -292,10 +439,11 @@ def _fit_adaptive(key, x, v, tol, threshold, *, k_max, n_init, max_iter, criteri
     # Candidate k uses the first k centers; the others are masked to +inf distance, so all k
     # share k_max-sized arrays and one traced Lloyd loop: nothing is traced per k.
     active = jnp.arange(k_max)[None, :] < jnp.arange(1, k_max + 1)[:, None]
+    lloyd = _lloyd_for(vectorize, mesh)
 
     def one(init, act):
         start = jnp.where(act[:, None], init, 0.0)
-        return _lloyd(data, start, act, tol * mean_var, max_iter, layout)
+        return lloyd(data, start, act, tol * mean_var, max_iter, layout)
 
     fits = _runs(lambda act: _runs(lambda i: one(i, act), inits, vectorize), active, vectorize)
     best = jnp.argmin(fits[2], axis=1)
@@ -340,6 +488,20 @@ def _row_groups(x):
     if not is_concrete(x) or sharding is None:
         return 1
     return max(1, x.shape[0] // sharding.shard_shape(x.shape)[0])
+
+
+def _row_mesh(x, groups):
+    """A one-axis mesh of the devices holding x's row blocks, in row order (None if g = 1).
+
+    The pruned Lloyd pass runs per device (shard_map) over this mesh.
+    """
+    if groups == 1:
+        return None
+    starts = {d: idx[0].start or 0 for d, idx in x.sharding.devices_indices_map(x.shape).items()}
+    order = sorted(starts, key=lambda d: (starts[d], d.id))
+    blocks = list(dict.fromkeys(starts[d] for d in order))
+    devices = [next(d for d in order if starts[d] == b) for b in blocks]
+    return Mesh(np.array(devices), ("rows",))
 
 
 def _chunked_input(x, mask, chunk_size):
@@ -402,7 +564,7 @@ def kmeans(key: jax.Array, x: jax.Array, k: int, *, mask: jax.Array | None = Non
           f"k must be an int in [1, n={n_valid}] (one cluster needs one point), got {k!r}")
     vectorize = _check_common(n_init, max_iter, tol, vectorize)
     res = _fit(key, xp, v, jnp.asarray(tol, x.dtype), k=k, n_init=n_init, max_iter=max_iter,
-               layout=layout, vectorize=vectorize)
+               layout=layout, vectorize=vectorize, mesh=_row_mesh(x, layout[0]))
     chex.assert_shape(res.centers, (k, x.shape[1]))
     return res.replace(labels=_output_labels(res.labels, x.shape[0], mask))
 
@@ -451,7 +613,7 @@ def adaptive_kmeans(key: jax.Array, x: jax.Array, k_max: int, *, criterion: str 
     res = _fit_adaptive(key, xp, v, jnp.asarray(tol, x.dtype), jnp.asarray(threshold, x.dtype),
                         k_max=k_max, n_init=n_init, max_iter=max_iter, criterion=criterion,
                         sample=silhouette_sample, layout=layout, chunk_size=chunk_size,
-                        vectorize=vectorize)
+                        vectorize=vectorize, mesh=_row_mesh(x, layout[0]))
     chex.assert_shape(res.result.centers, (k_max, x.shape[1]))
     return res.replace(result=res.result.replace(
         labels=_output_labels(res.result.labels, x.shape[0], mask)))

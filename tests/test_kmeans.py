@@ -140,6 +140,29 @@ def test_mask_and_row_sharding():
     assert np.mean(np.asarray(split.labels) == np.asarray(single.labels)) > 0.99
 
 
+def test_pruned_lloyd_runs_the_same_iterations_as_plain_lloyd():
+    """Hamerly's bounds only skip rows that provably keep their cluster: same iterations, same
+    labels and centers as the plain pass, on one device and split over two, with masked rows."""
+    rng = np.random.default_rng(0)
+    centers = 0.4 * rng.normal(size=(6, 32))  # overlapping blobs: many rows near a boundary
+    x = (centers[rng.integers(0, 6, 3000)] + rng.normal(size=(3000, 32))).astype(np.float32)
+    mask = jnp.asarray(np.arange(3000) % 7 != 0)
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+    for k in (1, 3, 7):
+        plain = km.kmeans(jax.random.key(k), x, k, mask=mask, n_init=1, max_iter=200,
+                          chunk_size=256, vectorize=True)
+        assert int(plain.n_iter) > 10 or k == 1
+        for data in (x, sharded):
+            pruned = km.kmeans(jax.random.key(k), data, k, mask=mask, n_init=1, max_iter=200,
+                               chunk_size=256, vectorize=False)
+            assert int(pruned.n_iter) == int(plain.n_iter), k
+            np.testing.assert_array_equal(np.asarray(pruned.labels), np.asarray(plain.labels))
+            np.testing.assert_allclose(np.asarray(pruned.centers), np.asarray(plain.centers),
+                                       atol=1e-4)
+            np.testing.assert_allclose(float(pruned.inertia), float(plain.inertia), rtol=1e-5)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda x: km.kmeans(jax.random.key(0), x, 0), "k must be"),
     (lambda x: km.kmeans(jax.random.key(0), x, 11), r"\[1, n=10\]"),
