@@ -165,6 +165,19 @@ def test_imagenet10_config_tiles_its_resolution(resolution):
     assert rows == cols and rows >= 8
 
 
+def test_imagenet10_cpu_eval_changes_only_the_evaluation():
+    from configs.imagenet10 import get_config
+    from srdjax import stages
+    full, cut = get_config(), get_config("cpu_eval")
+    stages.validate_config(cut)
+    assert cut.evaluate.output != full.evaluate.output and "pgd100" not in cut.evaluate.attacks
+    for section in full:
+        if section != "evaluate":
+            assert cut[section] == full[section], section
+    with pytest.raises(ValueError, match="takes a resolution"):
+        get_config("fast")
+
+
 def test_bundled_imagenette_loads_at_64px():
     from configs.imagenet10 import get_config
     c = get_config()
