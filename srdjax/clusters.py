@@ -24,6 +24,7 @@ import numpy as np
 from flax import struct
 
 from srdjax import kmeans as km
+from srdjax import parallel
 from srdjax.checks import SrdjaxError, check, check_labels, is_concrete
 
 KINDS = ("sigma", "mahalanobis")
@@ -83,8 +84,8 @@ def fit_clusters(key: jax.Array, latents: jax.Array, labels: jax.Array, num_clas
                  threshold: float = km.SILHOUETTE_THRESHOLD, mask: jax.Array | None = None,
                  min_std: float = 1e-3, covariance: bool = False, shrinkage: float = 0.1,
                  n_init: int = 4, max_iter: int = 100, tol: float = 1e-4,
-                 silhouette_sample: int = 2000,
-                 chunk_size: int = km.DEFAULT_CHUNK) -> tuple[ClusterSet, jax.Array, dict]:
+                 silhouette_sample: int = 2000, chunk_size: int = km.DEFAULT_CHUNK,
+                 mesh: jax.sharding.Mesh | None = None) -> tuple[ClusterSet, jax.Array, dict]:
     """Cluster the latents [n, d] of each class with adaptive k-means; fit a Gaussian per cluster.
 
     mask [n] bool (e.g. "the baseline classifies it correctly"): only these samples are
@@ -93,6 +94,11 @@ def fit_clusters(key: jax.Array, latents: jax.Array, labels: jax.Array, num_clas
     chosen k, the sample count and the criterion's score of every candidate k (NaN beyond the
     class's k_max). Each class's rows are padded to the largest class, so one compiled
     k-means program serves every class. Clusters left empty by the final assignment are dropped.
+
+    mesh: run each class's k-means with its rows split over the mesh's devices (all processes'
+    in a multi-process run, where every process passes the same latents and gets the same
+    result); the per-cluster statistics, a pass over [n_class, d], are computed on every
+    process from its own copy.
     """
     latents = _check_latents(latents)
     n = latents.shape[0]
@@ -113,6 +119,9 @@ def fit_clusters(key: jax.Array, latents: jax.Array, labels: jax.Array, num_clas
             raise SrdjaxError(f"class {c} has no samples{where}; each of the {num_classes} "
                               "classes needs at least one to be clustered")
     n_max = max(idx.size for idx in members)
+    split = mesh is not None and mesh.size > 1
+    if split:  # rows divide the devices; padding rows are masked out
+        n_max = -(-n_max // mesh.size) * mesh.size
     assignment = np.full(n, -1, np.int32)
     parts, ks, scores = [], [], np.full((num_classes, k_max), np.nan)
     offset = 0
@@ -121,11 +130,13 @@ def fit_clusters(key: jax.Array, latents: jax.Array, labels: jax.Array, num_clas
         valid = np.arange(n_max) < idx.size
         x_c = jnp.take(latents, jnp.asarray(padded), axis=0)
         k_c = min(k_max, idx.size)
-        res = km.adaptive_kmeans(jax.random.fold_in(key, c), x_c, k_c, criterion=criterion,
-                                 threshold=threshold, mask=jnp.asarray(valid), n_init=n_init,
+        x_fit, valid_fit = (parallel.shard_global(mesh, np.asarray(x_c), valid) if split
+                            else (x_c, jnp.asarray(valid)))
+        res = km.adaptive_kmeans(jax.random.fold_in(key, c), x_fit, k_c, criterion=criterion,
+                                 threshold=threshold, mask=valid_fit, n_init=n_init,
                                  max_iter=max_iter, tol=tol, silhouette_sample=silhouette_sample,
                                  chunk_size=chunk_size)
-        local = np.asarray(res.result.labels)[:idx.size]
+        local = parallel.to_host(res.result.labels)[:idx.size]
         used, local = np.unique(local, return_inverse=True)  # drop clusters left empty
         local_padded = np.concatenate([local, np.zeros(n_max - idx.size, int)]).astype(np.int32)
         stats = _cluster_stats(x_c, jnp.asarray(valid, latents.dtype), jnp.asarray(local_padded),
@@ -136,7 +147,7 @@ def fit_clusters(key: jax.Array, latents: jax.Array, labels: jax.Array, num_clas
         offset += used.size
         parts.append(stats + (np.full(used.size, c),))
         ks.append(used.size)
-        scores[c, :k_c] = np.asarray(res.scores)
+        scores[c, :k_c] = parallel.to_host(res.scores)
     cat = lambda i: jnp.concatenate([p[i] for p in parts])  # noqa: E731
     clusters = ClusterSet(
         means=cat(0), stds=cat(1), counts=cat(2).astype(jnp.int32),

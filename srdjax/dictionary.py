@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from srdjax import omp as omp_lib
+from srdjax import parallel
 from srdjax.checks import check, check_finite
 
 METHODS = ("ksvd", "mod")
@@ -202,8 +203,29 @@ def initial_dictionary(key, patches, n_atoms: int):
     return _unit_rows(rows, noise_key)
 
 
+def _coder(patches, sparsity, chunk_size, mesh):
+    """dictionary -> OMP (support, values) of the patches; with a mesh of several devices the
+    patches are split over its devices (every process's, each passing the same patches), and
+    the codes come back to every process."""
+    if mesh is None or mesh.size == 1:
+        return lambda d: omp_lib.omp_support(d, patches, sparsity, chunk_size=chunk_size)
+    m = patches.shape[0]
+    padded, _ = parallel.pad_to_multiple(np.asarray(patches), mesh.size)
+    split = parallel.shard_global(mesh, padded)
+    chunk = -(-chunk_size // mesh.size) * mesh.size  # every chunk spans all devices evenly
+
+    def code(dictionary):
+        support, values = omp_lib.omp_support(parallel.replicate(mesh, np.asarray(dictionary)),
+                                              split, sparsity, chunk_size=chunk)
+        return (jnp.asarray(parallel.to_host(support)[:m]),
+                jnp.asarray(parallel.to_host(values)[:m]))
+
+    return code
+
+
 def learn_dictionary(key, patches, n_atoms: int = 256, sparsity: int = 8, n_iter: int = 10, *,
-                     method: str = "ksvd", chunk_size: int = omp_lib.DEFAULT_CHUNK):
+                     method: str = "ksvd", chunk_size: int = omp_lib.DEFAULT_CHUNK,
+                     mesh=None):
     """Learn unit-norm atoms [n_atoms, dim] for patches [m, dim] by OMP + K-SVD/MOD alternation.
 
     Returns (dictionary, history): history[i] is the relative error ‖X − A D‖²_F / ‖X‖²_F of the
@@ -212,6 +234,11 @@ def learn_dictionary(key, patches, n_atoms: int = 256, sparsity: int = 8, n_iter
     step jitted), because the K-SVD sweep is compiled for the largest per-atom usage it meets.
     The error is not guaranteed to fall every iteration (OMP is greedy, and a re-seeded repeated
     atom loses its signals until they are re-coded), but on real patches it does (tested).
+
+    mesh: OMP coding, the bulk of the work, runs with the patches split over the mesh's devices
+    (all processes' in a multi-process run, where every process passes the same patches and
+    gets the same dictionary); the dictionary update, a sequential sweep over the atoms, runs on
+    every process from the gathered codes.
     """
     check(method in METHODS, f"method must be one of {METHODS}, got {method!r}")
     chex.assert_rank(patches, 2)
@@ -226,10 +253,10 @@ def learn_dictionary(key, patches, n_atoms: int = 256, sparsity: int = 8, n_iter
           f"patches must be floating point, got dtype {patches.dtype}")
     init_key, loop_key = jax.random.split(key)
     dictionary = initial_dictionary(init_key, patches, n_atoms)
+    code = _coder(patches, sparsity, chunk_size, mesh)
     history = []
     for it in range(n_iter + 1):
-        support, values = omp_lib.omp_support(dictionary, patches, sparsity,
-                                              chunk_size=chunk_size)
+        support, values = code(dictionary)
         history.append(float(_relative_error(dictionary, patches, support, values)))
         if it == n_iter:
             break
@@ -275,7 +302,7 @@ def learn_cluster_dictionaries(key, high_images, cluster_ids, n_clusters: int, *
                                patch_size: int = 8, stride: int = 1, n_atoms: int = 256,
                                sparsity: int = 8, n_iter: int = 10,
                                max_patches_per_cluster: int = 20_000, method: str = "ksvd",
-                               progress: bool = True):
+                               progress: bool = True, mesh=None):
     """One dictionary per cluster from the high-frequency patches of its images.
 
     high_images [N, H, W, C] (high-frequency parts: values outside [0, 1] are expected),
@@ -284,6 +311,7 @@ def learn_cluster_dictionaries(key, high_images, cluster_ids, n_clusters: int, *
     fewer patches than atoms still gets n_atoms unit atoms: the patches it has, the rest random
     (and then re-seeded from its worst-represented patches); a cluster with no image at all gets
     random unit atoms. Returns (dictionaries [K, n_atoms, p·p·C], histories: list of K arrays).
+    mesh: OMP coding split over its devices, as in `learn_dictionary`.
     """
     chex.assert_rank(high_images, 4)
     check_finite(high_images, "high_images")
@@ -311,7 +339,7 @@ def learn_cluster_dictionaries(key, high_images, cluster_ids, n_clusters: int, *
         patches = sample_patches(sample_key, high_images[members],
                                  max_patches_per_cluster, patch_size, stride)
         dictionary, history = learn_dictionary(learn_key, patches, n_atoms, sparsity, n_iter,
-                                               method=method)
+                                               method=method, mesh=mesh)
         dictionaries.append(dictionary)
         histories.append(history)
     return jnp.stack(dictionaries), histories

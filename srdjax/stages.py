@@ -152,7 +152,8 @@ def run_cluster(ctx: Context, stop_after_steps=None):
     cluster_set, assignment, info = clusters.fit_clusters(
         jax.random.key(cfg.seed), latents, labels, cfg.model.num_classes, k_max=section.k_max,
         criterion=section.criterion, threshold=section.threshold, mask=mask, min_std=min_std,
-        covariance=section.covariance, shrinkage=section.shrinkage, n_init=section.n_init)
+        covariance=section.covariance, shrinkage=section.shrinkage, n_init=section.n_init,
+        mesh=ctx.mesh)
     assignment = np.asarray(assignment)
     # Images left out of the fit (misclassified ones) still need a cluster for the robust
     # stage: the nearest one of their own class.
@@ -218,7 +219,8 @@ def run_dictionaries(ctx: Context, stop_after_steps=None):
         jax.random.key(cfg.seed + 1), high, assignment[keep], int(cluster_set.means.shape[0]),
         patch_size=section.patch_size, stride=section.stride, n_atoms=section.n_atoms,
         sparsity=section.sparsity, n_iter=section.n_iter,
-        max_patches_per_cluster=section.max_patches_per_cluster, method=section.method)
+        max_patches_per_cluster=section.max_patches_per_cluster, method=section.method,
+        mesh=ctx.mesh)
     store.save_final({"dictionaries": np.asarray(dictionaries, np.float32)})
     errors = [float(h[-1]) if len(h) else None for h in histories]
     summary = {"n_dictionaries": len(errors), "final_relative_error": errors}

@@ -5,8 +5,9 @@ single-process reference.
         --process-id I --out DIR [--ckpt-dir DIR]
 
 Runs one data-parallel training step pair and one k-means fit on the global mesh, each process
-feeding only its rows of the global inputs (`shard_batch`), and one purify batch whose images
-every process holds (`shard_global`); writes what it sees (gathered to the host) to
+feeding only its rows of the global inputs (`shard_batch`), the cluster stage's per-class fit and
+the dictionaries stage's learner (every process holds the inputs, the work is split), and one
+purify batch whose images every process holds (`shard_global`); writes what it sees (gathered to the host) to
 DIR/process{I}.npz. With --ckpt-dir it also saves and restores a replicated
 pytree collectively through srdjax.checkpoints. Bad inputs end the process with one line on
 stderr and exit code 2.
@@ -31,7 +32,7 @@ import numpy as np  # noqa: E402
 from srdjax import parallel  # noqa: E402
 from srdjax.checks import SrdjaxError  # noqa: E402
 
-TRAIN_BATCH, IMAGE, KM_POINTS, PURIFY_BATCH = 8, 16, 192, 4
+TRAIN_BATCH, IMAGE, KM_POINTS, PURIFY_BATCH, PATCHES = 8, 16, 192, 4, 90
 
 
 def global_inputs() -> dict[str, np.ndarray]:
@@ -44,6 +45,8 @@ def global_inputs() -> dict[str, np.ndarray]:
         "points": (centers[rng.integers(0, 3, KM_POINTS)]
                    + rng.normal(size=(KM_POINTS, 5))).astype(np.float32),
         "images": rng.uniform(0.0, 1.0, (PURIFY_BATCH, IMAGE, IMAGE, 3)).astype(np.float32),
+        "classes": rng.integers(0, 2, KM_POINTS).astype(np.int32),
+        "patches": rng.normal(size=(PATCHES, 12)).astype(np.float32),
     }
 
 
@@ -115,6 +118,26 @@ def run_kmeans(mesh, data) -> dict:
             "kmeans/n_iter": parallel.to_host(res.n_iter)}
 
 
+def run_clusters(mesh, data) -> dict:
+    """The cluster stage's fit: every process passes all the latents, k-means splits them."""
+    from srdjax.clusters import fit_clusters
+    cluster_set, assignment, info = fit_clusters(
+        jax.random.key(4), data["points"], data["classes"], 2, k_max=3, n_init=2, max_iter=50,
+        silhouette_sample=64, chunk_size=32, mesh=mesh)
+    return {"clusters/means": parallel.to_host(cluster_set.means),
+            "clusters/stds": parallel.to_host(cluster_set.stds),
+            "clusters/assignment": parallel.to_host(assignment),
+            "clusters/k": np.asarray(info["k"]), "clusters/scores": np.asarray(info["scores"])}
+
+
+def run_dictionary(mesh, data) -> dict:
+    """The dictionaries stage's learner: OMP codes the patches split over the mesh."""
+    from srdjax.dictionary import learn_dictionary
+    atoms, history = learn_dictionary(jax.random.key(5), data["patches"], n_atoms=6,
+                                      sparsity=2, n_iter=2, chunk_size=16, mesh=mesh)
+    return {"dictionary/atoms": parallel.to_host(atoms), "dictionary/history": history}
+
+
 def make_test_purifier(mesh, n_clusters: int = 3, n_atoms: int = 16, patch: int = 4):
     """A purifier from a tiny untrained model, synthetic clusters and random unit-norm atoms."""
     import jax.numpy as jnp
@@ -182,6 +205,8 @@ def run_all(mesh, ckpt_dir: Path | None = None) -> dict[str, np.ndarray]:
     data = global_inputs()
     out, state = run_train(mesh, data)
     out.update(run_kmeans(mesh, data))
+    out.update(run_clusters(mesh, data))
+    out.update(run_dictionary(mesh, data))
     out.update(run_purify(mesh, data))
     if ckpt_dir is not None:
         out.update(run_checkpoint(state, ckpt_dir))

@@ -119,6 +119,33 @@ def test_kmeans_matches_one_process(runs):
     np.testing.assert_allclose(ref["kmeans/inertia"], np.sum(d ** 2), rtol=1e-4)
 
 
+def test_cluster_stage_fit_matches_one_process(runs):
+    p0, _, ref, _ = runs
+    np.testing.assert_array_equal(p0["clusters/assignment"], ref["clusters/assignment"])
+    np.testing.assert_array_equal(p0["clusters/k"], ref["clusters/k"])
+    np.testing.assert_allclose(p0["clusters/means"], ref["clusters/means"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p0["clusters/stds"], ref["clusters/stds"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p0["clusters/scores"], ref["clusters/scores"], rtol=1e-4,
+                               atol=1e-5)
+    # every cluster's mean is the mean of the points assigned to it
+    points, a = worker.global_inputs()["points"], ref["clusters/assignment"]
+    means = np.stack([points[a == j].mean(0) for j in range(len(ref["clusters/means"]))])
+    np.testing.assert_allclose(ref["clusters/means"], means, atol=1e-4)
+
+
+def test_dictionary_learner_matches_one_process_and_no_mesh(runs):
+    from srdjax.dictionary import learn_dictionary
+    p0, _, ref, _ = runs
+    np.testing.assert_allclose(p0["dictionary/atoms"], ref["dictionary/atoms"], atol=1e-5)
+    np.testing.assert_allclose(p0["dictionary/history"], ref["dictionary/history"], rtol=1e-5)
+    # splitting the patches over devices changes nothing
+    atoms, history = learn_dictionary(jax.random.key(5), worker.global_inputs()["patches"],
+                                      n_atoms=6, sparsity=2, n_iter=2, chunk_size=16)
+    np.testing.assert_allclose(ref["dictionary/atoms"], np.asarray(atoms), atol=1e-5)
+    np.testing.assert_allclose(ref["dictionary/history"], history, rtol=1e-5)
+    assert history[-1] < history[0]
+
+
 def test_purify_batch_matches_one_process(runs):
     p0, _, ref, _ = runs
     assert p0["purify/images"].shape == (worker.PURIFY_BATCH, worker.IMAGE, worker.IMAGE, 3)
