@@ -58,11 +58,18 @@ def purify_main(argv) -> int:
     parser.add_argument("--classify", action="store_true",
                         help="print baseline and robust predictions before and after")
     parser.add_argument("--grid", default=None, help="write a before/after/difference PNG")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images per step, split over all devices")
+    group = parser.add_argument_group(
+        "multi-process (jax.distributed; default: the standard environment, else one process)")
+    group.add_argument("--coordinator", default=None, help="host:port of process 0")
+    group.add_argument("--num-processes", type=int, default=None)
+    group.add_argument("--process-id", type=int, default=None)
     args = parser.parse_args(argv)
     quiet_logs()
-    from srdjax import imageio
+    from srdjax import imageio, parallel
     try:
+        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         return imageio.purify_files(args)
     except SrdjaxError as e:
         return _fail(str(e))

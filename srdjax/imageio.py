@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from srdjax.checks import SrdjaxError, check
 
@@ -98,45 +99,60 @@ def save_grid(path: Path, before: np.ndarray, after: np.ndarray, n: int = 8) -> 
 
 
 def purify_files(args) -> int:
-    import jax
-    import jax.numpy as jnp
+    """purify.py's work: purify (and optionally classify) images on a mesh of every device.
 
+    Batches are split over all devices (all processes' when started with --coordinator etc.:
+    every process reads the same inputs, process 0 alone writes and prints).
+    """
+    import jax
+
+    from srdjax import parallel, stages, training
     from srdjax import purifier as purifier_lib
-    from srdjax import stages
-    from srdjax.models import apply_model
+    from srdjax.data import Dataset
     check(args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}")
-    purifier = purifier_lib.load_purifier(args.checkpoint)
+    mesh = parallel.make_mesh()
+    purifier = purifier_lib.load_purifier(args.checkpoint, mesh)
     names, images = collect_inputs(args.inputs)
     h, w = purifier.options.image_size
     check(images.shape[1:3] == (h, w), f"images are {images.shape[1]}x{images.shape[2]} but "
                                        f"checkpoint {args.checkpoint} serves {h}x{w} images")
+    main = parallel.is_main_process()
+    # Decoded uint8 images are in range by construction; jitted, purify checks shapes only,
+    # which is what a multi-process array (not readable on one host) allows.
+    run = jax.jit(lambda p, x: purifier_lib.purify(p, x, return_cluster=True))
+    batch = max(mesh.size, args.batch_size - args.batch_size % mesh.size)
+    purified, chosen = [], []
+    for i in tqdm(range(0, len(images), batch), desc="purify", unit="batch", leave=False,
+                  disable=not main or len(images) <= batch):
+        xb, n = parallel.pad_to_multiple(images[i:i + batch], mesh.size)
+        out, k = run(purifier, parallel.shard_global(mesh, xb.astype(np.float32) / 255.0))
+        purified.append(np.round(parallel.to_host(out)[:n] * 255.0).astype(np.uint8))
+        chosen.append(parallel.to_host(k)[:n])
+    purified, chosen = np.concatenate(purified), np.concatenate(chosen)
+    preds = {}
+    if args.classify:
+        _, ctx = purifier_lib._context(args.checkpoint, mesh)
+        classes = stages.class_names(ctx.config)
+        for stage in ("baseline", "robust"):
+            graphdef, params, stats = stages.load_classifier(ctx, stage)
+            predict = training.make_predict(graphdef, mesh)
+            for label, ims in (("raw", images), ("purified", purified)):
+                logits, _ = training.predict_dataset(
+                    predict, params, stats, Dataset(ims, np.zeros(len(ims), np.int32), classes),
+                    mesh, batch)
+                preds[f"{stage}/{label}"] = logits.argmax(-1)
+    if not main:
+        return 0
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    purified, chosen = [], []
-    for i in range(0, len(images), args.batch_size):
-        x = jnp.asarray(images[i:i + args.batch_size], jnp.float32) / 255.0
-        out, k = purifier_lib.purify(purifier, x, return_cluster=True)
-        purified.append(np.asarray(jnp.round(out * 255.0), np.uint8))
-        chosen.append(np.asarray(k))
-    purified, chosen = np.concatenate(purified), np.concatenate(chosen)
     for name, im in zip(names, purified):
         write_png(out_dir / f"{name}.png", im)
-    print(f"wrote {len(names)} purified images to {out_dir}")
+    print(f"wrote {len(names)} purified images to {out_dir} ({mesh.size} device(s))")
     if args.grid:
         save_grid(Path(args.grid), images, purified)
         print(f"wrote {args.grid}")
     if args.classify:
-        _, ctx = purifier_lib._context(args.checkpoint)
-        classes = stages.class_names(ctx.config)
-        cluster_class = np.asarray(purifier.clusters.class_ids)[chosen]
-        preds = {}
-        for stage in ("baseline", "robust"):
-            graphdef, params, stats = stages.load_classifier(ctx, stage)
-            fn = jax.jit(lambda x: apply_model(graphdef, params, stats, x)[0].argmax(-1))
-            for label, ims in (("raw", images), ("purified", purified)):
-                preds[f"{stage}/{label}"] = np.concatenate([
-                    np.asarray(fn(jnp.asarray(ims[j:j + args.batch_size], jnp.float32) / 255))
-                    for j in range(0, len(ims), args.batch_size)])
+        cluster_class = parallel.to_host(purifier.clusters.class_ids)[chosen]
         header = ["image", "cluster (class)"] + list(preds)
         print(" | ".join(header))
         print(" | ".join("---" for _ in header))

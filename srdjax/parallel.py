@@ -258,7 +258,11 @@ def shard_global(mesh: Mesh, *arrays):
 
 def replicate(mesh: Mesh, tree):
     """Every leaf on every device of the mesh; with several processes each must pass the same
-    values (parameters built from the same seed, a loaded checkpoint)."""
+    values (parameters built from the same seed, a loaded checkpoint). Arrays on one process's
+    devices go through the host: jax does not move them across processes."""
+    if jax.process_count() > 1:
+        tree = jax.tree.map(lambda a: np.asarray(a) if isinstance(a, jax.Array)
+                            and a.is_fully_addressable else a, tree)
     return jax.device_put(tree, replicated(mesh))
 
 

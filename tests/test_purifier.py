@@ -243,3 +243,35 @@ def test_purify_py_bad_inputs_leave_no_output(tmp_path, smoke_workdir):
         assert proc.returncode == 2, proc.stderr
         assert msg in proc.stderr.strip().splitlines()[-1]
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_purify_py_on_two_processes_writes_what_one_process_writes(tmp_path, smoke_workdir):
+    """purify.py under jax.distributed: two processes (one CPU device each) split every batch,
+    process 0 alone writes; the images and the table equal a one-process run's."""
+    from PIL import Image
+    from tests.test_multihost import _env, _free_port
+    x, _ = cifar_test_images(5)
+    np.savez(tmp_path / "x.npz", x=x)
+    one = _run_purify("--checkpoint", smoke_workdir, "--output", tmp_path / "one", "--classify",
+                      "--batch-size", 4, tmp_path / "x.npz")
+    assert one.returncode == 0, one.stderr
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "purify.py", "--checkpoint", str(smoke_workdir), "--output",
+         str(tmp_path / "two"), "--classify", "--batch-size", "4", str(tmp_path / "x.npz"),
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+        cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "wrote 5 purified images" in outs[0][0] and "2 device(s)" in outs[0][0]
+    assert "wrote" not in outs[1][0]  # process 0 alone writes and reports
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(names) == 5
+    for name in names:
+        a = np.asarray(Image.open(tmp_path / "one" / name), np.int16)
+        b = np.asarray(Image.open(tmp_path / "two" / name), np.int16)
+        assert np.abs(a - b).max() <= 1, name  # float rounding at a .5 boundary at most
+    table = lambda s: [line for line in s.splitlines() if " | " in line]  # noqa: E731
+    assert table(one.stdout) == table(outs[0][0]) and len(table(one.stdout)) == 7
