@@ -87,7 +87,8 @@ def main():
             d = c.dictionaries
             p = random_purifier(size, n_atoms=d.n_atoms, patch=d.patch_size, stride=d.stride,
                                 sparsity=d.sparsity, image_chunk=c.purify.image_chunk)
-        batch = args.batch if size <= 32 else max(mesh.size, args.batch // 16)
+        # the same pixels per batch at every size (64 images at 32 px: 16 at 64 px, 4 at 128)
+        batch = max(mesh.size, args.batch * 32 * 32 // (size * size))
         row = bench(p, size, batch, args.repeats, mesh)
         row["source"] = args.checkpoint if (args.checkpoint and size == 32) else "random"
         rows.append(row)
