@@ -19,13 +19,19 @@ def quiet_logs() -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def _start_distributed(config) -> None:
+    """jax.distributed from config.distributed, else the standard environment, else nothing."""
+    from srdjax import parallel
+    d = config.distributed
+    parallel.initialize_distributed(d.coordinator or None, d.num_processes or None,
+                                    None if d.process_id < 0 else d.process_id)
+
+
 def train_main(config) -> int:
     from srdjax import parallel, stages
     quiet_logs()
     try:
-        d = config.distributed
-        parallel.initialize_distributed(d.coordinator or None, d.num_processes or None,
-                                        None if d.process_id < 0 else d.process_id)
+        _start_distributed(config)
         summaries = stages.run(config)
     except SrdjaxError as e:
         return _fail(str(e))
@@ -38,12 +44,15 @@ def train_main(config) -> int:
 
 
 def evaluate_main(config) -> int:
-    from srdjax import evaluation
+    from srdjax import evaluation, parallel
     quiet_logs()
     try:
+        _start_distributed(config)
         result = evaluation.evaluate(config)
     except SrdjaxError as e:
         return _fail(str(e))
+    if not parallel.is_main_process():
+        return 0
     print(evaluation.render_markdown(result))
     print(f"written to {result['output']}/")
     return 0

@@ -263,3 +263,29 @@ def test_evaluate_py_reports_bad_input_on_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: evaluate.eps must lie in [0, 1]"), proc.stderr
+
+
+def test_evaluate_py_on_two_processes_gives_the_one_process_results(evaluated, tmp_path):
+    """evaluate.py under jax.distributed (two processes, one CPU device each) attacks every
+    image as the one-process run on two devices does, and process 0 alone writes the reports."""
+    from tests.test_multihost import _env, _free_port
+    workdir, _ = evaluated
+    port = _free_port()
+    args = [sys.executable, "evaluate.py", "--config", "configs/smoke.py",
+            f"--config.workdir={workdir}", "--config.evaluate.output=evaluation_2proc",
+            "--config.evaluate.defenses=('none','jpeg','srd_baseline')",
+            "--config.evaluate.attacks=('fgsm','pgd20')",
+            f"--config.distributed.coordinator=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2"]
+    procs = [subprocess.Popen(args + [f"--config.distributed.process_id={i}"], cwd=REPO,
+                              env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "worst case" in outs[0][0] and "worst case" not in outs[1][0]
+    one = np.load(workdir / "evaluation" / "per_image.npz", allow_pickle=False)
+    two = np.load(workdir / "evaluation_2proc" / "per_image.npz", allow_pickle=False)
+    assert sorted(one.files) == sorted(two.files) and len(one.files) >= 8
+    for key in one.files:
+        np.testing.assert_array_equal(one[key], two[key], err_msg=key)
