@@ -1,7 +1,8 @@
 """The method beyond CIFAR: 10 ImageNet classes at ImageNet-like resolution.
 
     python train.py --config configs/imagenet10.py
-    python evaluate.py --config configs/imagenet10.py
+    python evaluate.py --config configs/imagenet10.py            # 200 images, full attacks
+    python evaluate.py --config configs/imagenet10.py:cpu_eval   # 100 images, ~1 h on 2 cores
 
 Default (offline, CPU): the bundled 64×64 Imagenette sample, ../shared/data/imagenette64/
 (fast.ai's 10-class ImageNet subset: tench, English springer, cassette player, chain saw,
