@@ -12,7 +12,7 @@ Last run 2026-11-27 (2-core CPU, 2 host devices): baseline 87.78% on the 10,000 
 (88.64% with flip test-time augmentation) in 19.0 min; clusters k = 2 for every class (20).
 The later stages' figures: README "Results".
 """
-from configs.common import base_config
+from configs.common import base_config, cpu_eval
 
 
 def get_config(arg: str = ""):
@@ -34,17 +34,6 @@ def get_config(arg: str = ""):
     c.evaluate.test_per_class = 100
     c.evaluate.curve_per_class = 20
     if arg == "cpu_eval":
-        # Every defense, every attack but PGD-100 (APGD-CE covers a long first-order attack),
-        # shorter attacks and 200 images (20 per class; the curve on 10 per class): attacking
-        # purification costs a purification per step, ~2 s per 100 images here.
-        c.evaluate.test_per_class = 20
-        c.evaluate.curve_per_class = 10
-        c.evaluate.attacks = ("fgsm", "pgd20", "apgd-ce", "apgd-dlr", "square", "transfer",
-                              "selector", "surrogate")
-        c.evaluate.apgd_steps = 50
-        c.evaluate.square_queries = 200
-        c.evaluate.transfer_steps = 50
-        c.evaluate.selector_steps = 50
-        c.evaluate.surrogate_steps = 20
-        c.evaluate.output = "evaluation_cpu"
+        # 200 images (20 per class; the curve on 10 per class), the cut of configs/common.py.
+        cpu_eval(c, per_class=20, curve_per_class=10)
     return c

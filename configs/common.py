@@ -127,3 +127,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
     return c
+
+
+def cpu_eval(c: ml_collections.ConfigDict, per_class: int, curve_per_class: int) -> None:
+    """The evaluation cut to what a 2-core CPU finishes in about an hour (`:cpu_eval` configs):
+    every defense, every attack but PGD-100 (APGD-CE covers a long first-order attack), shorter
+    attacks, `per_class` test images per class; attacking purification costs a purification
+    per step. Reports go to <workdir>/evaluation_cpu/."""
+    c.evaluate.test_per_class = per_class
+    c.evaluate.curve_per_class = curve_per_class
+    c.evaluate.attacks = ("fgsm", "pgd20", "apgd-ce", "apgd-dlr", "square", "transfer",
+                          "selector", "surrogate")
+    c.evaluate.apgd_steps = 50
+    c.evaluate.square_queries = 200
+    c.evaluate.transfer_steps = 50
+    c.evaluate.selector_steps = 50
+    c.evaluate.surrogate_steps = 20
+    c.evaluate.output = "evaluation_cpu"

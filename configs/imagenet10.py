@@ -31,7 +31,7 @@ cost of ~1.3 CIFAR images), 128 px and up 16×16 at stride 8.
 """
 import ml_collections
 
-from configs.common import base_config
+from configs.common import base_config, cpu_eval
 
 
 def scaled(c: ml_collections.ConfigDict, resolution: int) -> None:
@@ -86,19 +86,9 @@ def get_config(arg: str | None = None):
         c.evaluate.curve_per_class = 10
         c.evaluate.batch_size = 100
         if arg == "cpu_eval":
-            # As configs/cifar10_quick.py:cpu_eval (every defense, every attack but PGD-100,
-            # shorter attacks), on 10 images per class (the curve on 5): a 64 px image costs
-            # ~1.3 CIFAR images to purify and ~4 to classify.
-            c.evaluate.test_per_class = 10
-            c.evaluate.curve_per_class = 5
-            c.evaluate.attacks = ("fgsm", "pgd20", "apgd-ce", "apgd-dlr", "square", "transfer",
-                                  "selector", "surrogate")
-            c.evaluate.apgd_steps = 50
-            c.evaluate.square_queries = 200
-            c.evaluate.transfer_steps = 50
-            c.evaluate.selector_steps = 50
-            c.evaluate.surrogate_steps = 20
-            c.evaluate.output = "evaluation_cpu"
+            # As configs/cifar10_quick.py:cpu_eval, on 10 images per class (the curve on 5):
+            # a 64 px image costs ~1.3 CIFAR images to purify and ~4 to classify.
+            cpu_eval(c, per_class=10, curve_per_class=5)
     else:
         c.data.source = "tfds"
         c.data.tfds_name = "imagenette/320px-v2"

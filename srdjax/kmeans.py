@@ -9,6 +9,11 @@ it is not): chunk j is x4[:, j], c contiguous rows on each device. Distances onl
 chunk at a time ([g, c, k]); x is never copied (a 100 MB copy costs more than a Lloyd iteration
 here); a Lloyd pass runs data-parallel and only [k, d] sums cross devices. Centers are kept
 relative to the data mean, as in scikit-learn, so ||x||^2 - 2 x.c + ||c||^2 loses fewer digits.
+
+Two Lloyd loops give the same iterations: `_lloyd` reads every row every iteration (vmapped
+restarts and candidates on GPU/TPU run it in lockstep); `_lloyd_pruned`, the CPU default, keeps
+Hamerly's distance bounds per row and re-measures only rows that may change cluster, since a
+CPU pass is bound by reading x from memory.
 """
 from __future__ import annotations
 

@@ -273,7 +273,7 @@ def test_evaluate_py_on_two_processes_gives_the_one_process_results(evaluated, t
     port = _free_port()
     args = [sys.executable, "evaluate.py", "--config", "configs/smoke.py",
             f"--config.workdir={workdir}", "--config.evaluate.output=evaluation_2proc",
-            "--config.evaluate.defenses=('none','srd_baseline')",
+            "--config.evaluate.defenses=('srd_baseline',)", "--config.evaluate.curve_per_class=1",
             "--config.evaluate.attacks=('fgsm','pgd20')",
             f"--config.distributed.coordinator=127.0.0.1:{port}",
             "--config.distributed.num_processes=2"]
@@ -286,6 +286,6 @@ def test_evaluate_py_on_two_processes_gives_the_one_process_results(evaluated, t
     assert "worst case" in outs[0][0] and "worst case" not in outs[1][0]
     one = np.load(workdir / "evaluation" / "per_image.npz", allow_pickle=False)
     two = np.load(workdir / "evaluation_2proc" / "per_image.npz", allow_pickle=False)
-    assert set(two.files) < set(one.files) and len(two.files) == 2 + 2 * 4  # none, srd_baseline
+    assert set(two.files) < set(one.files) and len(two.files) == 2 + 4  # index, y, 4 results
     for key in two.files:
         np.testing.assert_array_equal(one[key], two[key], err_msg=key)

@@ -145,11 +145,11 @@ def test_pruned_lloyd_runs_the_same_iterations_as_plain_lloyd():
     labels and centers as the plain pass, on one device and split over two, with masked rows."""
     rng = np.random.default_rng(0)
     centers = 0.4 * rng.normal(size=(6, 32))  # overlapping blobs: many rows near a boundary
-    x = (centers[rng.integers(0, 6, 3000)] + rng.normal(size=(3000, 32))).astype(np.float32)
-    mask = jnp.asarray(np.arange(3000) % 7 != 0)
+    x = (centers[rng.integers(0, 6, 2000)] + rng.normal(size=(2000, 32))).astype(np.float32)
+    mask = jnp.asarray(np.arange(2000) % 7 != 0)
     mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
     sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
-    for k in (1, 3, 7):
+    for k in (1, 5):
         plain = km.kmeans(jax.random.key(k), x, k, mask=mask, n_init=1, max_iter=200,
                           chunk_size=256, vectorize=True)
         assert int(plain.n_iter) > 10 or k == 1
