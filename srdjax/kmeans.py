@@ -155,7 +155,7 @@ def _lloyd(data, centers, active, tol_abs, max_iter, layout):
 
 
 # Rows read per block by the pruned Lloyd pass (a [block, d] gather, then [block, k] distances).
-PRUNE_BLOCK = 512
+PRUNE_BLOCK = 128
 
 
 def _top2(d2):
