@@ -150,7 +150,7 @@ def run_child(args) -> None:
     images = rng.uniform(0.0, 1.0, (args.purify_batch, 32, 32, 3)).astype(np.float32)
     images = parallel.shard_batch(mesh, images[parallel.process_slice(args.purify_batch, mesh)])
     # Traced, purify's input checks are shape checks only: its host-side value checks cannot
-    # read an array spread over processes (see docs/scaling.md).
+    # read an array spread over processes (see README, "Scaling out").
     purify_jit = jax.jit(purify)
     purify_first, purify_best = _timed(lambda: purify_jit(purifier, images), args.repeats)
 

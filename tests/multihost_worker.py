@@ -168,7 +168,7 @@ def run_purify(mesh, data) -> dict:
     images = parallel.shard_global(mesh, data["images"])
     if jax.process_count() > 1:
         # purify's value checks read the images on the host, which a multi-process array
-        # does not allow; traced, it runs its shape checks only (see docs/scaling.md).
+        # does not allow; traced, it runs its shape checks only (see README, "Scaling out").
         out, k = jax.jit(lambda p, x: purify(p, x, return_cluster=True))(purifier, images)
     else:
         out, k = purify(purifier, images, return_cluster=True)
