@@ -97,7 +97,7 @@ def _supports(p: Purifier, k, patches):
 def _rebuild(p: Purifier, low, k, support, values, shape):
     o = p.options
     return low + dict_lib.rebuild_per_image(p.dictionaries, k, support, values, shape,
-                                            o.patch_size, o.stride)
+                                            o.patch_size, o.stride, o.image_chunk)
 
 
 def _purify_with_choices(p: Purifier, x):
