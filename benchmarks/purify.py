@@ -51,12 +51,12 @@ def bench(purifier, size, batch, repeats, mesh):
     x = np.random.default_rng(1).uniform(size=(batch, size, size, 3)).astype(np.float32)
     xb = parallel.shard_batch(mesh, x)
     t0 = time.perf_counter()
-    jax.block_until_ready(pur._purify(purifier, xb))
+    jax.block_until_ready(pur.purify(purifier, xb))
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(pur._purify(purifier, xb))
+        jax.block_until_ready(pur.purify(purifier, xb))
         times.append(time.perf_counter() - t0)
     best = min(times)
     return {"size": size, "batch": batch, "images_per_s": batch / best, "batch_s": best,

@@ -226,12 +226,7 @@ def _jit_apply(rule, settings, consts, *args):
 
 def _split_leaf(leaves):
     """The first of `leaves` split along its first axis over a mesh of several devices."""
-    for leaf in leaves:
-        sharding = getattr(leaf, "sharding", None)
-        if (isinstance(sharding, NamedSharding) and sharding.mesh.size > 1
-                and len(sharding.spec) and sharding.spec[0] is not None):
-            return leaf
-    return None
+    return next((leaf for leaf in leaves if parallel.rows_mesh(leaf) is not None), None)
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,6 +5,7 @@ output; every output file is written under a temporary name and renamed.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -104,8 +105,6 @@ def purify_files(args) -> int:
     Batches are split over all devices (all processes' when started with --coordinator etc.:
     every process reads the same inputs, process 0 alone writes and prints).
     """
-    import jax
-
     from srdjax import parallel, stages, training
     from srdjax import purifier as purifier_lib
     from srdjax.data import Dataset
@@ -117,9 +116,8 @@ def purify_files(args) -> int:
     check(images.shape[1:3] == (h, w), f"images are {images.shape[1]}x{images.shape[2]} but "
                                        f"checkpoint {args.checkpoint} serves {h}x{w} images")
     main = parallel.is_main_process()
-    # Decoded uint8 images are in range by construction; jitted, purify checks shapes only,
-    # which is what a multi-process array (not readable on one host) allows.
-    run = jax.jit(lambda p, x: purifier_lib.purify(p, x, return_cluster=True))
+    # Every device purifies its own part of each batch (see purifier.purify).
+    run = functools.partial(purifier_lib.purify, return_cluster=True)
     batch = max(mesh.size, args.batch_size - args.batch_size % mesh.size)
     purified, chosen = [], []
     for i in tqdm(range(0, len(images), batch), desc="purify", unit="batch", leave=False,

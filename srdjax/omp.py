@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from srdjax import parallel
 from srdjax.checks import check, check_finite, is_concrete
 
 DEFAULT_CHUNK = 1024
@@ -117,26 +118,17 @@ def omp_support_per_dictionary(dictionaries, grams, index, signals, *, sparsity:
     every step, about 3x slower."""
     n, p, dim = signals.shape
     xy = jnp.einsum("npd,nad->npa", signals, dictionaries[index])        # [N, P, A]
-    flat_xy = xy.reshape(n * p, -1)
-    flat_norm = jnp.sum(signals * signals, axis=-1).reshape(n * p)
-    flat_index = jnp.repeat(index, p)
-    total = n * p
-    b = max(1, min(block, total))
-    n_blocks = -(-total // b)
-    pad = n_blocks * b - total
-    padded = lambda a: jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))  # noqa: E731
+    gram = grams.astype(signals.dtype)
     tol = jnp.zeros((), signals.dtype)
 
-    def code(args):
-        xyb, normb, idxb = args
-        return _batch_omp(grams.astype(signals.dtype), xyb, normb, tol, sparsity=sparsity,
-                          use_tol=False, gram_index=idxb)
+    def code(xyb, normb, idxb):
+        return _batch_omp(gram, xyb, normb, tol, sparsity=sparsity, use_tol=False,
+                          gram_index=idxb)
 
-    support, values = jax.lax.map(code, (padded(flat_xy).reshape(n_blocks, b, -1),
-                                         padded(flat_norm).reshape(n_blocks, b),
-                                         padded(flat_index).reshape(n_blocks, b)))
-    back = lambda a: a.reshape(n_blocks * b, sparsity)[:total].reshape(n, p, sparsity)  # noqa
-    return back(support), back(values)
+    support, values = parallel.chunked_map(
+        code, block, xy.reshape(n * p, -1), jnp.sum(signals * signals, axis=-1).reshape(n * p),
+        jnp.repeat(index, p))
+    return support.reshape(n, p, sparsity), values.reshape(n, p, sparsity)
 
 
 @functools.partial(jax.jit, static_argnames=("sparsity", "use_tol", "chunk_size"))
@@ -154,19 +146,7 @@ def omp_support_unchecked(dictionary, signals, gram, tol, *, sparsity: int, use_
         return _batch_omp(gram, xy, jnp.sum(chunk * chunk, axis=1), tol,
                           sparsity=sparsity, use_tol=use_tol)
 
-    if n <= chunk_size:
-        return code(signals)
-    n_chunks = -(-n // chunk_size)
-    padded = jnp.pad(signals, ((0, n_chunks * chunk_size - n), (0, 0)))
-    # Chunk c holds signals c, c + n_chunks, ...: a signal axis sharded in contiguous blocks over
-    # devices then stays sharded along the within-chunk axis, so every device codes its own part.
-    chunks = padded.reshape(chunk_size, n_chunks, dim).swapaxes(0, 1)
-    support, values = jax.lax.map(code, chunks)
-
-    def unchunk(a):
-        return a.swapaxes(0, 1).reshape(n_chunks * chunk_size, sparsity)[:n]
-
-    return unchunk(support), unchunk(values)
+    return parallel.chunked_map(code, chunk_size, signals)
 
 
 def check_inputs(dictionary, signals, sparsity, gram=None, tol=None):

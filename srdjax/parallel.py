@@ -190,6 +190,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def rows_mesh(x) -> Mesh | None:
+    """The mesh over which the concrete array x's rows (axis 0) are split, or None (x unsharded,
+    on one device, split along another axis, or a tracer)."""
+    sharding = getattr(x, "sharding", None)
+    if (isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 and len(sharding.spec)
+            and sharding.spec[0] is not None):
+        return sharding.mesh
+    return None
+
+
 def is_main_process() -> bool:
     return jax.process_index() == 0
 
@@ -297,3 +307,25 @@ def fori_loop(n: int, body, carry, unroll_max: int | None = None):
             carry = body(jnp.asarray(i, jnp.int32), carry)
         return carry
     return jax.lax.fori_loop(0, n, body, carry)
+
+
+def chunked_map(fn, chunk: int, *arrays):
+    """`fn` over `chunk` rows at a time (`jax.lax.map`), for arrays sharing the leading axis
+    [N, ...]; the rows are zero-padded to a whole number of chunks and the padding dropped from
+    the outputs (a pytree of [N, ...] arrays).
+
+    Chunk j holds rows j, j + n_chunks, j + 2·n_chunks, ...: a row axis sharded in contiguous
+    blocks over devices stays sharded along the within-chunk axis, so under `jit` every device
+    maps over its own rows. Contiguous chunks put the sharded axis on the mapped one, and XLA
+    then gathers every row onto every device, which does the whole batch's work."""
+    n = arrays[0].shape[0]
+    c = max(1, min(chunk, n))
+    n_chunks = -(-n // c)
+    pad = n_chunks * c - n
+
+    def split(a):
+        a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
+        return a.reshape(c, n_chunks, *a.shape[1:]).swapaxes(0, 1)
+
+    out = jax.lax.map(lambda args: fn(*args), tuple(split(a) for a in arrays))
+    return jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(n_chunks * c, *a.shape[2:])[:n], out)

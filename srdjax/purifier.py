@@ -22,11 +22,14 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from srdjax import clusters as clusters_lib
 from srdjax import dictionary as dict_lib
 from srdjax import frequency
 from srdjax import omp as omp_lib
+from srdjax import parallel
 from srdjax.checks import check, check_images
 from srdjax.models import apply_model
 
@@ -123,11 +126,32 @@ def check_input(p: Purifier, x) -> None:
           f"images are {x.shape[1]}x{x.shape[2]} but this purifier was built for {h}x{w}")
 
 
+@functools.lru_cache(maxsize=None)
+def _purify_per_device(mesh, spec, return_cluster: bool):
+    """_purify as one program run on every device's images (shard_map), the state replicated.
+
+    Images are independent, so no device needs another's. Left to GSPMD, the batch-sharded jit
+    gathered every image onto every device at the FFT of the frequency split and inside OMP's
+    gathers, and both devices purified the whole batch."""
+    out_specs = (spec, spec) if return_cluster else spec
+    return jax.jit(jax.shard_map(functools.partial(_purify, return_cluster=return_cluster),
+                                 mesh=mesh, in_specs=(P(), spec), out_specs=out_specs,
+                                 check_vma=False))
+
+
 def purify(p: Purifier, x, *, return_cluster: bool = False):
     """Purified images [N, H, W, 3] in [0, 1] (and the chosen cluster [N] if asked).
 
-    Deterministic and pure; jitted. Inputs are checked when concrete (outside `jit`)."""
+    Deterministic and pure; jitted. Inputs are checked when concrete (outside `jit`). A batch
+    split over a mesh's devices (e.g. by `parallel.shard_batch`) is purified on every device
+    separately; the result is split the same way."""
     check_input(p, x)
+    mesh = parallel.rows_mesh(x)
+    if mesh is not None:
+        spec = P(x.sharding.spec[0])
+        parts = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(spec[0])]))
+        if x.shape[0] % parts == 0:
+            return _purify_per_device(mesh, spec, return_cluster)(p, x)
     return _purify(p, x, return_cluster=return_cluster)
 
 
@@ -164,7 +188,6 @@ def _bpda_bwd(res, g):
 def _zero_cotangent(tree):
     """The attack differentiates images, never the purifier's state (integer leaves need the
     float0 zero that JAX expects)."""
-    import numpy as np
 
     def zero(leaf):
         if jnp.issubdtype(leaf.dtype, jnp.inexact):

@@ -91,6 +91,21 @@ def test_sharded_over_two_devices_equals_one_device():
     two = p(sharded_x)
     assert len(two.sharding.device_set) == 2
     np.testing.assert_allclose(one, two, atol=1e-6)
+    _, k_one = p(jax.device_put(x, jax.devices()[0]), return_cluster=True)
+    _, k_two = p(sharded_x, return_cluster=True)
+    np.testing.assert_array_equal(k_one, k_two)
+
+
+def test_a_sharded_batch_is_purified_without_cross_device_traffic():
+    """Each device purifies its own images: the compiled program has no collectives (under
+    GSPMD both devices once gathered, and purified, the whole batch)."""
+    p = _tiny_purifier()
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    x = parallel.shard_batch(mesh, np.asarray(_images(n=6)))
+    spec = x.sharding.spec
+    hlo = pur._purify_per_device(mesh, spec, False).lower(p, x).compile().as_text()
+    for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
+        assert f" {op}(" not in hlo and f" {op}-start(" not in hlo, op
 
 
 def test_purify_is_callable_from_another_jitted_function():
