@@ -5,7 +5,8 @@ Without a checkpoint, a purifier of the quick config's sizes is built from rando
 of purification does not depend on the values. Sizes 32 and 128 by default (`--sizes`); sizes
 above 32 use configs/imagenet10.py's patches, stride and dictionaries for that resolution
 (128: 16×16 patches at stride 8, 512 atoms, sparsity 12).
-Compile time is measured separately and excluded from the throughput.
+Compile time is measured separately and excluded from the throughput. `--parts` also times
+each step (split, cluster choice, patches, correlations, OMP, rebuild) jitted alone on one device.
 """
 import argparse
 import os
@@ -47,6 +48,39 @@ def random_purifier(size, n_clusters=20, n_atoms=256, patch=8, stride=1, sparsit
     return pur.make_purifier(graphdef, params, stats, cs, jnp.asarray(dic, jnp.float32), options)
 
 
+def _best_time(fn, args, repeats):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def parts(purifier, x, repeats):
+    """Seconds per batch of each step of purify, each jitted alone on one device: they overlap
+    and fuse differently inside the whole program, so they need not add up to its time."""
+    from srdjax import dictionary as dl
+    p, o = purifier, purifier.options
+    x = jax.device_put(x, jax.devices()[0])
+    low, high = pur._split(p, x)
+    k = pur.choose_cluster(p, x)
+    patches = dl._extract(high, o.patch_size, o.stride)
+    support, values = pur._supports(p, k, patches)
+    steps = {
+        "split": (lambda p, x: pur._split(p, x), (p, x)),
+        "choose_cluster": (pur.choose_cluster, (p, x)),
+        "extract_patches": (lambda h: dl._extract(h, o.patch_size, o.stride), (high,)),
+        "correlations": (lambda p, k, s: jnp.einsum("npd,nad->npa", s, p.dictionaries[k]),
+                         (p, k, patches)),
+        "omp (with correlations)": (lambda p, k, s: pur._supports(p, k, s), (p, k, patches)),
+        "rebuild": (lambda p, low, k, s, v: pur._rebuild(p, low, k, s, v, x.shape[1:]),
+                    (p, low, k, support, values)),
+    }
+    return {name: _best_time(jax.jit(fn), args, repeats) for name, (fn, args) in steps.items()}
+
+
 def bench(purifier, size, batch, repeats, mesh):
     x = np.random.default_rng(1).uniform(size=(batch, size, size, 3)).astype(np.float32)
     xb = parallel.shard_batch(mesh, x)
@@ -73,6 +107,8 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stride", type=int, default=1)
+    ap.add_argument("--parts", action="store_true",
+                    help="also time each step of purify alone, on one device")
     ap.add_argument("--out", default="benchmarks/results/purify.json")
     args = ap.parse_args()
     mesh = parallel.make_mesh()
@@ -94,6 +130,11 @@ def main():
         rows.append(row)
         print(f"{size:>4}x{size:<4} batch {batch:>4}  {row['images_per_s']:9.1f} images/s  "
               f"(compile {row['compile_s']:.1f} s, {row['patches_per_image']} patches/image)")
+        if args.parts:
+            x = np.random.default_rng(1).uniform(size=(batch, size, size, 3)).astype(np.float32)
+            row["parts_s"] = parts(p, x, args.repeats)
+            print("          one device, each step alone: " + ", ".join(
+                f"{name} {1e3 * s:.1f} ms" for name, s in row["parts_s"].items()))
     write_json(args.out, {"machine": machine(), "rows": rows})
 
 

@@ -48,6 +48,11 @@ def _first_argmax(values):
     return jnp.min(jnp.where(values == top, lanes, values.shape[1]), axis=1), top[:, 0]
 
 
+def _pick(values, index):
+    """values[b, index[b]] for every row b."""
+    return jnp.take_along_axis(values, index[:, None], axis=1)[:, 0]
+
+
 def _batch_omp(gram, xy, xnorm2, tol, *, sparsity: int, use_tol: bool, gram_index=None):
     """One chunk: gram [n_atoms, n_atoms], xy [B, n_atoms] = signals @ Dᵀ, xnorm2 [B].
 
@@ -63,7 +68,9 @@ def _batch_omp(gram, xy, xnorm2, tol, *, sparsity: int, use_tol: bool, gram_inde
     batch, _ = xy.shape
     dtype = xy.dtype
     eps = jnp.finfo(dtype).eps
-    rows = jnp.arange(batch)
+    n_atoms = gram.shape[-1]
+    if gram_index is not None:   # one stacked table, so every lookup is a row gather
+        gram = gram.reshape(-1, n_atoms)
     support = jnp.zeros((batch, 0), jnp.int32)
     gsel = []                                    # Gram rows of the selected atoms, [B, n_atoms]
     linv = jnp.zeros((batch, 0, 0), dtype)       # L⁻¹, L the Cholesky factor of G_SS
@@ -76,9 +83,11 @@ def _batch_omp(gram, xy, xnorm2, tol, *, sparsity: int, use_tol: bool, gram_inde
         for j in range(t):
             alpha = alpha - gamma[:, j, None] * gsel[j]
         atom, a_max = _first_argmax(jnp.abs(alpha))
-        g = gram[atom] if gram_index is None else gram[gram_index, atom]  # [B, n_atoms]
+        # Row lookups indexed per signal (not by arange(B)), which GSPMD keeps on the device
+        # that holds the signal when a jitted caller shards the batch.
+        g = gram[atom if gram_index is None else gram_index * n_atoms + atom]  # [B, n_atoms]
         stop = a_max * a_max < eps
-        pivot = g[rows, atom]
+        pivot = _pick(g, atom)
         if t:
             c = jnp.take_along_axis(g, jnp.maximum(support, 0), axis=1)  # G_S,new
             w = jnp.einsum("bij,bj->bi", linv, c)
@@ -93,7 +102,7 @@ def _batch_omp(gram, xy, xnorm2, tol, *, sparsity: int, use_tol: bool, gram_inde
             new_row = jnp.concatenate([-jnp.einsum("bi,bij->bj", w, linv), new_row], axis=1)
         new_row = jnp.where(active[:, None], new_row / d[:, None], 0.0)
         linv = jnp.concatenate([jnp.pad(linv, ((0, 0), (0, 0), (0, 1))), new_row[:, None]], 1)
-        xy_s = jnp.concatenate([xy_s, jnp.where(active, xy[rows, atom], 0.0)[:, None]], axis=1)
+        xy_s = jnp.concatenate([xy_s, jnp.where(active, _pick(xy, atom), 0.0)[:, None]], axis=1)
         z = jnp.concatenate([z, jnp.sum(new_row * xy_s, axis=1)[:, None]], axis=1)
         gamma = jnp.einsum("bij,bi->bj", linv, z)                  # (L Lᵀ)⁻¹ D_S x = L⁻ᵀ z
         gsel.append(jnp.where(active[:, None], g, 0.0))

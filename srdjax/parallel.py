@@ -319,8 +319,14 @@ def chunked_map(fn, chunk: int, *arrays):
     maps over its own rows. Contiguous chunks put the sharded axis on the mapped one, and XLA
     then gathers every row onto every device, which does the whole batch's work."""
     n = arrays[0].shape[0]
-    c = max(1, min(chunk, n))
-    n_chunks = -(-n // c)
+    n_chunks = -(-n // max(1, min(chunk, n)))
+    # Chunks of (nearly) `chunk` rows that divide n need no padding (padding rows at the end
+    # shifts the devices' blocks, and XLA then moves rows between devices to re-align them),
+    # and chunks of a multiple of 8 rows split evenly over up to 8 devices (else XLA gathers).
+    sizes = range(n_chunks, 2 * n_chunks + 1)
+    n_chunks = next((m for m in sizes if n % m == 0 and (n // m) % 8 == 0),
+                    next((m for m in sizes if n % m == 0), n_chunks))
+    c = -(-n // n_chunks)
     pad = n_chunks * c - n
 
     def split(a):
