@@ -5,12 +5,10 @@ output; every output file is written under a temporary name and renamed.
 """
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from srdjax.checks import SrdjaxError, check
 
@@ -116,17 +114,7 @@ def purify_files(args) -> int:
     check(images.shape[1:3] == (h, w), f"images are {images.shape[1]}x{images.shape[2]} but "
                                        f"checkpoint {args.checkpoint} serves {h}x{w} images")
     main = parallel.is_main_process()
-    # Every device purifies its own part of each batch (see purifier.purify).
-    run = functools.partial(purifier_lib.purify, return_cluster=True)
-    batch = max(mesh.size, args.batch_size - args.batch_size % mesh.size)
-    purified, chosen = [], []
-    for i in tqdm(range(0, len(images), batch), desc="purify", unit="batch", leave=False,
-                  disable=not main or len(images) <= batch):
-        xb, n = parallel.pad_to_multiple(images[i:i + batch], mesh.size)
-        out, k = run(purifier, parallel.shard_global(mesh, xb.astype(np.float32) / 255.0))
-        purified.append(np.round(parallel.to_host(out)[:n] * 255.0).astype(np.uint8))
-        chosen.append(parallel.to_host(k)[:n])
-    purified, chosen = np.concatenate(purified), np.concatenate(chosen)
+    purified, chosen = purifier_lib.purify_uint8(purifier, images, mesh, args.batch_size)
     preds = {}
     if args.classify:
         _, ctx = purifier_lib._context(args.checkpoint, mesh)
@@ -137,7 +125,7 @@ def purify_files(args) -> int:
             for label, ims in (("raw", images), ("purified", purified)):
                 logits, _ = training.predict_dataset(
                     predict, params, stats, Dataset(ims, np.zeros(len(ims), np.int32), classes),
-                    mesh, batch)
+                    mesh, args.batch_size)
                 preds[f"{stage}/{label}"] = logits.argmax(-1)
     if not main:
         return 0

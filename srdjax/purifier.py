@@ -155,6 +155,24 @@ def purify(p: Purifier, x, *, return_cluster: bool = False):
     return _purify(p, x, return_cluster=return_cluster)
 
 
+def purify_uint8(p: Purifier, images, mesh, batch_size: int, *, desc: str = "purify"):
+    """Purify host uint8 images [N, H, W, 3] batch by batch over `mesh`: (purified uint8
+    images, chosen cluster [N]), on every process. Each batch is padded to a multiple of the
+    mesh, split over its devices (every process holds the same images) and gathered back; a
+    progress bar shows on the main process when there is more than one batch."""
+    from tqdm.auto import tqdm
+    batch = max(mesh.size, batch_size - batch_size % mesh.size)
+    purified, chosen = [], []
+    for start in tqdm(range(0, len(images), batch), desc=desc, unit="batch", leave=False,
+                      disable=not parallel.is_main_process() or len(images) <= batch):
+        xb, n = parallel.pad_to_multiple(images[start:start + batch], mesh.size)
+        out, k = purify(p, parallel.shard_global(mesh, xb.astype(np.float32) / 255.0),
+                        return_cluster=True)
+        purified.append(np.round(parallel.to_host(out)[:n] * 255.0).astype(np.uint8))
+        chosen.append(parallel.to_host(k)[:n])
+    return np.concatenate(purified), np.concatenate(chosen)
+
+
 # ---------------------------------------------------------------------------------------------
 # The BPDA-differentiable version.
 

@@ -267,15 +267,7 @@ def run_purify(ctx: Context, stop_after_steps=None):
     test = ctx.dataset("test")
     purifier = pur.load_purifier(ctx.workdir, ctx.mesh)
     bs = ctx.config.eval_batch_size
-    purified, chosen = [], []
-    for start in tqdm(range(0, len(test), bs), desc="purify test set",
-                      disable=not parallel.is_main_process()):
-        xb, n = parallel.pad_to_multiple(test.x[start:start + bs], ctx.mesh.size)
-        x = parallel.shard_global(ctx.mesh, xb.astype(np.float32) / 255.0)
-        out, k = pur.purify(purifier, x, return_cluster=True)
-        purified.append(np.round(parallel.to_host(out)[:n] * 255.0).astype(np.uint8))
-        chosen.append(parallel.to_host(k)[:n])
-    purified, chosen = np.concatenate(purified), np.concatenate(chosen)
+    purified, chosen = pur.purify_uint8(purifier, test.x, ctx.mesh, bs, desc="purify test set")
     summary = {"n_test": len(test),
                "cluster_of_true_class": float(np.mean(
                    np.asarray(purifier.clusters.class_ids)[chosen] == test.y))}
