@@ -50,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--atoms", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
+    p.add_argument("--pin", action="store_true",
+                   help="CPU: also run the processes pinned to one core each (process i on "
+                        "core i mod cores)")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/scaling.json"))
     # internal: one configuration
     p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
@@ -194,9 +197,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_config(args, plat: str, processes: int, devices: int, tmp: Path) -> dict:
-    """One configuration: `processes` processes with `devices` devices each."""
-    result = tmp / f"p{processes}d{devices}.json"
+def run_config(args, plat: str, processes: int, devices: int, tmp: Path,
+               pinned: bool = False) -> dict:
+    """One configuration: `processes` processes with `devices` devices each (pinned: process i
+    may run on CPU core i mod cores only, set before it starts, so XLA sizes its thread pool to
+    that one core)."""
+    result = tmp / f"p{processes}d{devices}{'pinned' if pinned else ''}.json"
     common = [sys.executable, __file__, "--child", str(result), "--batch", str(args.batch),
               "--steps", str(args.steps), "--purify-batch", str(args.purify_batch),
               "--atoms", str(args.atoms), "--repeats", str(args.repeats),
@@ -209,9 +215,12 @@ def run_config(args, plat: str, processes: int, devices: int, tmp: Path) -> dict
         env = _env(plat, devices)
         if plat == "gpu" and processes > 1:  # one distinct GPU per process
             env["CUDA_VISIBLE_DEVICES"] = str(i)
+        cores = sorted(os.sched_getaffinity(0))
+        pin = (lambda core=cores[i % len(cores)]: os.sched_setaffinity(0, {core})) \
+            if pinned else None
         procs.append(subprocess.Popen(common + extra, env=env, cwd=REPO,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+                                      text=True, preexec_fn=pin))
     logs = []
     for proc in procs:
         try:
@@ -222,7 +231,7 @@ def run_config(args, plat: str, processes: int, devices: int, tmp: Path) -> dict
             raise SystemExit(f"configuration {processes}x{devices} ran past {args.timeout} s")
         if proc.returncode != 0:
             raise SystemExit(f"configuration {processes}x{devices} failed:\n{logs[-1][-3000:]}")
-    return json.loads(result.read_text())
+    return {**json.loads(result.read_text()), "pinned": pinned}
 
 
 def main(argv=None) -> None:
@@ -231,14 +240,17 @@ def main(argv=None) -> None:
         run_child(args)
         return
     plat = _platform(args.platform)
-    configs = [(1, int(d)) for d in args.devices.split(",")]
+    configs = [(1, int(d), False) for d in args.devices.split(",")]
     if args.processes > 1:
-        configs.append((args.processes, 1))
+        configs.append((args.processes, 1, False))
+        if args.pin and plat == "cpu":
+            configs.append((args.processes, 1, True))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for processes, devices in configs:
-            print(f"running {processes} process(es) x {devices} device(s) ...", flush=True)
-            rows.append(run_config(args, plat, processes, devices, Path(tmp)))
+        for processes, devices, pinned in configs:
+            print(f"running {processes} process(es) x {devices} device(s)"
+                  f"{', pinned' if pinned else ''} ...", flush=True)
+            rows.append(run_config(args, plat, processes, devices, Path(tmp), pinned))
     ref = rows[0]
     for r in rows:
         r["train_speedup"] = r["train_images_per_s"] / ref["train_images_per_s"]
@@ -248,7 +260,8 @@ def main(argv=None) -> None:
     print(f"\n{plat}: {rows[0]['device_kind']}, batch {args.batch}, purify batch "
           f"{args.purify_batch}\n{header}")
     for r in rows:
-        name = f"{r['processes']} x {r['devices'] // r['processes']}"
+        name = f"{r['processes']} x {r['devices'] // r['processes']}" + (
+            " pinned" if r["pinned"] else "")
         print(f"{name:>20} {r['train_images_per_s']:12.1f} {r['train_speedup']:6.2f} "
               f"{r['train_compile_s']:10.1f} {r['purify_images_per_s']:13.2f} "
               f"{r['purify_speedup']:6.2f} {r['purify_compile_s']:10.1f}")
