@@ -319,6 +319,8 @@ def chunked_map(fn, chunk: int, *arrays):
     maps over its own rows. Contiguous chunks put the sharded axis on the mapped one, and XLA
     then gathers every row onto every device, which does the whole batch's work."""
     n = arrays[0].shape[0]
+    if n == 0:
+        return fn(*arrays)
     n_chunks = -(-n // max(1, min(chunk, n)))
     # Chunks of (nearly) `chunk` rows that divide n need no padding (padding rows at the end
     # shifts the devices' blocks, and XLA then moves rows between devices to re-align them),

@@ -243,10 +243,11 @@ def test_spd_solve_equals_numpy_and_lapack_gradients():
         np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-5 * float(jnp.abs(r).max()))
 
 
-@pytest.mark.parametrize("n,chunk", [(1, 8), (7, 8), (13, 4), (100, 16), (97, 16), (10000, 128)])
+@pytest.mark.parametrize("n,chunk", [(0, 8), (1, 8), (7, 8), (13, 4), (100, 16), (97, 16),
+                                     (10000, 128)])
 def test_chunked_map_equals_one_call_on_every_row(n, chunk):
     """parallel.chunked_map (OMP's blocks, purify's image chunks) gives, row for row, what the
-    function gives on all rows at once: divisible and padded chunkings, several outputs."""
+    function gives on all rows at once: no rows, divisible and padded chunkings, several outputs."""
     from srdjax import parallel
     rng = np.random.default_rng(n)
     x, y = rng.normal(size=(n, 5)).astype(np.float32), rng.integers(0, 9, n).astype(np.int32)
