@@ -48,14 +48,17 @@ def random_purifier(size, n_clusters=20, n_atoms=256, patch=8, stride=1, sparsit
     return pur.make_purifier(graphdef, params, stats, cs, jnp.asarray(dic, jnp.float32), options)
 
 
-def _best_time(fn, args, repeats):
+def _times(fn, args, repeats):
+    """(seconds of the first call, which compiles; seconds of each of `repeats` later calls)."""
+    t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return first, times
 
 
 def parts(purifier, x, repeats):
@@ -78,20 +81,13 @@ def parts(purifier, x, repeats):
         "rebuild": (lambda p, low, k, s, v: pur._rebuild(p, low, k, s, v, x.shape[1:]),
                     (p, low, k, support, values)),
     }
-    return {name: _best_time(jax.jit(fn), args, repeats) for name, (fn, args) in steps.items()}
+    return {name: min(_times(jax.jit(fn), args, repeats)[1]) for name, (fn, args) in steps.items()}
 
 
 def bench(purifier, size, batch, repeats, mesh):
     x = np.random.default_rng(1).uniform(size=(batch, size, size, 3)).astype(np.float32)
     xb = parallel.shard_batch(mesh, x)
-    t0 = time.perf_counter()
-    jax.block_until_ready(pur.purify(purifier, xb))
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(pur.purify(purifier, xb))
-        times.append(time.perf_counter() - t0)
+    compile_s, times = _times(pur.purify, (purifier, xb), repeats)
     best = min(times)
     return {"size": size, "batch": batch, "images_per_s": batch / best, "batch_s": best,
             "median_batch_s": float(np.median(times)), "compile_s": compile_s,

@@ -209,13 +209,13 @@ def run_config(args, plat: str, processes: int, devices: int, tmp: Path,
               "--processes", str(processes)]
     port = _free_port()
     procs = []
+    cores = sorted(os.sched_getaffinity(0))
     for i in range(processes):
         extra = ["--coordinator", f"127.0.0.1:{port}", "--process-id", str(i)] \
             if processes > 1 else []
         env = _env(plat, devices)
         if plat == "gpu" and processes > 1:  # one distinct GPU per process
             env["CUDA_VISIBLE_DEVICES"] = str(i)
-        cores = sorted(os.sched_getaffinity(0))
         pin = (lambda core=cores[i % len(cores)]: os.sched_setaffinity(0, {core})) \
             if pinned else None
         procs.append(subprocess.Popen(common + extra, env=env, cwd=REPO,

@@ -167,8 +167,8 @@ def run_purify(mesh, data) -> dict:
     # Every process holds all the images (as purify.py's inputs would be): shard_global.
     images = parallel.shard_global(mesh, data["images"])
     if jax.process_count() > 1:
-        # purify's value checks read the images on the host, which a multi-process array
-        # does not allow; traced, it runs its shape checks only (see README, "Scaling out").
+        # Traced inside a caller's jit, as library users may call it: XLA partitions it over
+        # both processes. (purify.py's two-process test covers the direct call, per device.)
         out, k = jax.jit(lambda p, x: purify(p, x, return_cluster=True))(purifier, images)
     else:
         out, k = purify(purifier, images, return_cluster=True)
