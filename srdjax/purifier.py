@@ -161,6 +161,10 @@ def purify_uint8(p: Purifier, images, mesh, batch_size: int, *, desc: str = "pur
     mesh, split over its devices (every process holds the same images) and gathered back; a
     progress bar shows on the main process when there is more than one batch."""
     from tqdm.auto import tqdm
+    images = np.asarray(images)
+    check(images.dtype == np.uint8 and images.ndim == 4,
+          f"images must be uint8 [N, H, W, 3], got {images.dtype} of shape {images.shape}")
+    check(batch_size > 0, f"batch size must be positive, got {batch_size}")
     batch = max(mesh.size, batch_size - batch_size % mesh.size)
     purified, chosen = [], []
     for start in tqdm(range(0, len(images), batch), desc=desc, unit="batch", leave=False,

@@ -108,6 +108,21 @@ def test_a_sharded_batch_is_purified_without_cross_device_traffic():
         assert f" {op}(" not in hlo and f" {op}-start(" not in hlo, op
 
 
+def test_purify_uint8_equals_purify_and_refuses_float_images():
+    p, x = _tiny_purifier(), _images(n=5)
+    u8 = np.round(np.asarray(x) * 255).astype(np.uint8)
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    out, k = pur.purify_uint8(p, u8, mesh, batch_size=4)
+    want, k_want = p(jnp.asarray(u8, jnp.float32) / 255.0, return_cluster=True)
+    np.testing.assert_array_equal(k, k_want)
+    assert out.dtype == np.uint8
+    # within one level: float32 results of split and unsplit batches may differ in the last bit
+    ref = np.round(np.asarray(want) * 255.0)
+    assert np.abs(out.astype(np.float64) - ref).max() <= 1
+    with pytest.raises(SrdjaxError, match="uint8"):
+        pur.purify_uint8(p, np.asarray(x), mesh, batch_size=4)
+
+
 def test_purify_is_callable_from_another_jitted_function():
     p, x = _tiny_purifier(), _images()
 
