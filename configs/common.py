@@ -121,6 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.evaluate.eot_samples = 1       # EOT draws for defenses flagged random (none is)
     c.evaluate.unbounded_max = 0.10  # sanity: flag a defense above this at ε = 1
     c.evaluate.output = "evaluation"  # reports go to <workdir>/<output>/
+    c.evaluate.resume = True         # reuse finished cells of a killed run (<output>/cells/)
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator = ""   # host:port; empty: from the environment, or single process

@@ -8,11 +8,19 @@ per-image minimum). Gradient attacks always attack the *whole* defense: JPEG and
 straight-through (BPDA), the blur exactly, purification with `purify_bpda`, plus the adaptive
 attacks of `srdjax.adaptive` on the cluster choice. Results go to <workdir>/evaluation/:
 results.json, results.md, robust_vs_eps.png and the per-image table per_image.npz.
+
+A killed evaluation resumes: every finished (defense, attack, ε) cell is saved in
+<workdir>/evaluation/cells/ and reused by the next run of the same command when nothing it
+depends on has changed (see `CellCache`); `--config.evaluate.resume=False` recomputes them all.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import math
+import os
 import time
 import zlib
 from pathlib import Path
@@ -71,6 +79,7 @@ class Settings:
     surrogate_temperature: float
     eot_samples: int
     unbounded_max: float
+    resume: bool
 
     @classmethod
     def from_config(cls, config) -> "Settings":
@@ -114,6 +123,8 @@ class Settings:
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1,
                   f"evaluate.{name} must be an integer >= 1, got {value!r}")
+        check(isinstance(self.resume, bool), f"evaluate.resume must be True or False, got "
+                                             f"{self.resume!r}")
         check(self.test_per_class >= 0 and self.curve_per_class >= 0,
               "evaluate.test_per_class and curve_per_class must be >= 0 (0: all)")
         for name, ok, expected in (
@@ -191,6 +202,98 @@ def load_defenses(workdir, s: Settings, mesh=None):
     return ctx, built, source
 
 
+# ------------------------------------------------------------------------------ resuming
+
+# The modules whose code decides an attack cell's result: a saved cell is reused only when they
+# are byte for byte the ones that computed it.
+RESULT_MODULES = ("adaptive", "attacks", "clusters", "defenses", "dictionary", "evaluation",
+                  "frequency", "models", "omp", "parallel", "purifier")
+
+
+@functools.lru_cache(maxsize=None)
+def code_hash() -> str:
+    h = hashlib.sha256(f"jax {jax.__version__}".encode())
+    for name in RESULT_MODULES:
+        h.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _array_hash(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+class CellCache:
+    """Finished cells of an evaluation, one .npz per (defense, attack, ε) in `directory`, so a
+    killed run resumes where it stopped. A cell's file name carries a hash of all its result
+    depends on: the images and labels, ε, the attack's settings, seed and batch size, the
+    defense and its options, the DONE.json of every stage it loads (a retrained stage has a new
+    one), and the code (`RESULT_MODULES`, the JAX version). Change any and the cell runs again.
+    Process 0 reads and writes; in a multi-process run it hands what it read to the others.
+    `read=False` recomputes every cell (and overwrites the saved ones)."""
+
+    def __init__(self, directory: Path, stage_stamps: dict, *, read: bool = True):
+        self.dir, self.stage_stamps, self.read = Path(directory), stage_stamps, read
+        self.reused, self.computed = 0, 0
+
+    def key(self, what: str, stages_used, **parts) -> str:
+        parts = {"what": what, "code": code_hash(),
+                 "stages": {st: self.stage_stamps[st] for st in sorted(set(stages_used))},
+                 **parts}
+        digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+        return f"{what}.{digest.hexdigest()[:20]}"
+
+    def _path(self, key: str) -> Path:
+        return self.dir / f"{key}.npz"
+
+    def load(self, key: str, n: int):
+        """(per-image bool [n], seconds) of a saved cell, or None."""
+        found, values, seconds = False, np.zeros(n, bool), 0.0
+        if self.read and parallel.is_main_process() and self._path(key).exists():
+            try:
+                with np.load(self._path(key), allow_pickle=False) as f:
+                    values, seconds = f["values"], float(f["seconds"])
+                found = values.shape == (n,) and values.dtype == bool
+            except (OSError, ValueError, KeyError) as e:
+                tqdm.write(f"ignoring unreadable saved cell {self._path(key)} ({e})")
+            if not found:
+                values = np.zeros(n, bool)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            found, values, seconds = multihost_utils.broadcast_one_to_all(
+                (np.asarray(found), values, np.asarray(seconds, np.float64)))
+            found, values, seconds = bool(found), np.asarray(values), float(seconds)
+        if not found:
+            return None
+        self.reused += 1
+        return values, seconds
+
+    def save(self, key: str, values: np.ndarray, seconds: float, description: str) -> None:
+        self.computed += 1
+        if not parallel.is_main_process():
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f"{key}.tmp{os.getpid()}.npz"
+        np.savez(tmp, values=np.asarray(values, bool), seconds=np.float64(seconds),
+                 description=np.str_(description))
+        os.replace(tmp, self._path(key))
+
+
+def _stage_stamps(ctx: stages.Context, names) -> dict:
+    """Each finished stage's DONE.json, hashed (it changes whenever the stage is re-run)."""
+    return {st: hashlib.sha256(ctx.store(st).done_path.read_bytes()).hexdigest()[:16]
+            for st in names if ctx.store(st).is_done()}
+
+
+def _defense_stages(d: "Defense") -> tuple:
+    stage = DEFENSES[d.name][1] if d.name in DEFENSES else "baseline"
+    return (stage,) + (PURIFY_STAGES if d.transform == "purify" else ())
+
+
 # ------------------------------------------------------------------------------ attacks
 
 
@@ -235,40 +338,74 @@ def _attack_program(attack: str, s: Settings, mesh):
 
 
 def attack_matrix(built: dict, attack_names, x, y, *, eps: float, s: Settings, mesh,
-                  source: Defense | None = None, desc: str = "attacks") -> dict:
+                  source: Defense | None = None, desc: str = "attacks",
+                  cache: CellCache | None = None) -> dict:
     """At one ε: per (defense, attack) that applies, whether each image is still classified
     correctly after the attack [n] bool, and the seconds it took. Transfer and selector images
-    do not depend on the defense scored, so they are made once per batch and reused."""
+    do not depend on the defense scored, so they are made once per batch and reused. Cells
+    saved in `cache` are read instead of run, and cells run are saved there."""
     size, batches = _batches(len(y), s.batch_size, mesh)
     cells = [(a, n) for a in attack_names for n, d in built.items() if applies(a, d)]
     correct, seconds, shared = {n: {} for n in built}, {n: {} for n in built}, {}
-    selector_wrong = None
+    data = None if cache is None else _array_hash(x, y)
+
+    def cell_key(what, stages_used, **parts):
+        return cache.key(what, stages_used, images=data, eps=float(eps), norm=s.norm,
+                         seed=s.seed, batch_size=s.batch_size, **parts)
+
+    def adversarial(attack, d, b, xb, yb):
+        if attack in ("transfer", "selector"):
+            if (attack, b) not in shared:
+                target = source if attack == "transfer" else d
+                shared[attack, b] = _attack_program(attack, s, mesh)(
+                    target, xb, yb, _key(s.seed, attack, eps, b), eps)
+            return shared[attack, b]
+        return _attack_program(attack, s, mesh)(d, xb, yb, _key(s.seed, attack, eps, b), eps)
+
     bar = tqdm(total=len(cells) * len(batches), desc=desc, unit="batch", dynamic_ncols=True,
                disable=not parallel.is_main_process())
     for attack, name in cells:
-        d, run = built[name], _attack_program(attack, s, mesh)
+        d = built[name]
+        key = None
+        if cache is not None:
+            used = _defense_stages(d) + (("baseline",) if attack == "transfer" else ())
+            key = cell_key(f"{name}.{attack}", used, defense=[d.name, d.transform, d.option],
+                           attack=attack, settings=s.attack_settings(attack),
+                           eot_samples=s.eot_samples)
+            saved = cache.load(key, len(y))
+            if saved is not None:
+                correct[name][attack], seconds[name][attack] = saved
+                bar.update(len(batches))
+                continue
         bar.set_postfix_str(f"{name} × {attack}")
         start_time, parts = time.time(), []
         for b, (lo, hi) in enumerate(batches):
             xb, yb = _batch(mesh, x, y, lo, hi, size)
-            key = _key(s.seed, attack, eps, b)
-            if attack in ("transfer", "selector"):
-                if (attack, b) not in shared:
-                    target = source if attack == "transfer" else d
-                    shared[attack, b] = run(target, xb, yb, key, eps)
-                x_adv = shared[attack, b]
-            else:
-                x_adv = run(d, xb, yb, key, eps)
-            parts.append(parallel.to_host(_predict(d, x_adv))[:hi - lo])
+            parts.append(parallel.to_host(_predict(d, adversarial(attack, d, b, xb, yb)))[:hi - lo])
             bar.update(1)
         correct[name][attack] = np.concatenate(parts) == y
         seconds[name][attack] = time.time() - start_time
+        if cache is not None:
+            cache.save(key, correct[name][attack], seconds[name][attack],
+                       f"{name} under {attack} at eps {eps:.6g}, {len(y)} images")
     bar.close()
-    if any(a == "selector" for a, _ in shared):
-        p = next(d.purifier for d in built.values() if d.transform == "purify")
-        selector_wrong = _map_batches(lambda _, yb, x_adv: _selector_success(p, x_adv, yb),
-                                      x, y, s, mesh, [shared["selector", b]
-                                                      for b in range(len(batches))])
+    selector_wrong = None
+    purified = [d for d in built.values() if d.transform == "purify"]
+    if "selector" in attack_names and purified:
+        d = purified[0]
+        key = None if cache is None else cell_key(
+            "selector_success", PURIFY_STAGES, settings=s.attack_settings("selector"))
+        saved = None if cache is None else cache.load(key, len(y))
+        if saved is not None:
+            selector_wrong = saved[0]
+        else:
+            selector_wrong = np.concatenate([
+                parallel.to_host(_selector_success(
+                    d.purifier, adversarial("selector", d, b, xb, yb), yb))[:hi - lo]
+                for b, (lo, hi) in enumerate(batches)
+                for xb, yb in [_batch(mesh, x, y, lo, hi, size)]])
+            if cache is not None:
+                cache.save(key, selector_wrong, 0.0, f"selector success at eps {eps:.6g}")
     return {"correct": correct, "seconds": seconds, "selector_wrong": selector_wrong}
 
 
@@ -297,7 +434,10 @@ def evaluate(config, mesh=None) -> dict:
     # One batch shape for the whole run (no larger than the images need): compile once.
     s = dataclasses.replace(s, batch_size=min(s.batch_size, len(y)))
     clean = {n: predict_correct(d, x, y, s, ctx.mesh) for n, d in built.items()}
-    main = attack_matrix(built, s.attacks, x, y, eps=s.eps, s=s, mesh=ctx.mesh, source=source)
+    cache = CellCache(ctx.workdir / out / "cells", _stage_stamps(ctx, set(
+        st for d in built.values() for st in _defense_stages(d)) | {"baseline"}), read=s.resume)
+    main = attack_matrix(built, s.attacks, x, y, eps=s.eps, s=s, mesh=ctx.mesh, source=source,
+                         cache=cache)
 
     # The ε curve and the sanity checks run on a class-balanced part of the evaluated images.
     sub = (np.arange(len(y)) if not s.curve_per_class
@@ -308,11 +448,12 @@ def evaluate(config, mesh=None) -> dict:
             curve[eps] = {n: main["correct"][n][s.curve_attack][sub] for n in built}
             continue
         run = attack_matrix(built, (s.curve_attack,), x[sub], y[sub], eps=eps, s=s,
-                            mesh=ctx.mesh, desc=f"{s.curve_attack} at eps {eps:.4g}")
+                            mesh=ctx.mesh, desc=f"{s.curve_attack} at eps {eps:.4g}",
+                            cache=cache)
         curve[eps] = {n: run["correct"][n][s.curve_attack] for n in built}
     unbounded_eps = eps_limit(s.norm, x.shape[1:3])
     unbounded = attack_matrix(built, (s.curve_attack,), x[sub], y[sub], eps=unbounded_eps, s=s,
-                              mesh=ctx.mesh, desc="unbounded sanity check")
+                              mesh=ctx.mesh, desc="unbounded sanity check", cache=cache)
     purifiers = [d.purifier for d in built.values() if d.transform == "purify"]
     true_cluster = None if not purifiers else _map_batches(
         lambda xb, _: _chosen_class(purifiers[0], xb), x, y, s, ctx.mesh) == y
@@ -323,6 +464,10 @@ def evaluate(config, mesh=None) -> dict:
                        unbounded_eps=unbounded_eps, true_cluster=true_cluster,
                        workdir=str(ctx.workdir), run_time=time.time() - t0)
     result["output"] = str(ctx.workdir / out)
+    # Cells read from an earlier, killed run keep the seconds they took then.
+    result["cells"] = {"run": cache.computed, "resumed": cache.reused,
+                       "attack_seconds": round(sum(v or 0.0 for per in main["seconds"].values()
+                                                   for v in per.values()), 1)}
     write_reports(ctx.workdir / out, result, per_image={
         "test_index": index, "y": y, **{f"{n}/clean": clean[n] for n in built},
         **{f"{n}/{a}": v for n in built for a, v in main["correct"][n].items()},
@@ -331,7 +476,6 @@ def evaluate(config, mesh=None) -> dict:
 
 
 def _machine() -> dict:
-    import os
     import platform
     devices = jax.devices()
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
@@ -426,13 +570,22 @@ def _table(header, rows) -> list[str]:
         len(header) - 1)) + "|"] + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
+def _resumed_text(r: dict) -> str:
+    cells = r.get("cells") or {}
+    if not cells.get("resumed"):
+        return ""
+    return (f" ({cells['resumed']} of {cells['resumed'] + cells['run']} attack cells resumed "
+            f"from an earlier, stopped run; the main table's attacks took "
+            f"{cells['attack_seconds']:.0f} s in all)")
+
+
 def render_markdown(r: dict) -> str:
     """The report: the main table (defenses × attacks + worst case, accuracy in %) first."""
     m, norm = r["machine"], r["norm"]
     per = f"{r['test_per_class']} per class" if r["test_per_class"] else "the whole test set"
     lines = [f"# srdjax evaluation of {r['workdir']}", "",
              f"{r['date']}; {m['platform']}, {m['cpu_count']} CPUs, jax {m['jax']} on "
-             f"{m['devices']}; run time {r['run_time_s']:.0f} s.", "",
+             f"{m['devices']}; run time {r['run_time_s']:.0f} s{_resumed_text(r)}.", "",
              f"Test images: n = {r['n']} ({per}, seed {r['seed']}). Threat model: "
              f"{'L∞' if norm == 'linf' else 'L2'}, ε = {_eps_text(r['eps'], norm)}. Accuracy "
              "in %: an image counts under an attack if it is classified correctly both clean "

@@ -180,13 +180,45 @@ def purify_uint8(p: Purifier, images, mesh, batch_size: int, *, desc: str = "pur
 # ---------------------------------------------------------------------------------------------
 # The BPDA-differentiable version.
 
+def _project_high(p: Purifier, k, support, high):
+    """The high part rebuilt with the clusters k and OMP supports fixed: R(P_S(E(high))), with
+    E the patch extraction, P_S each patch's orthogonal projection onto the span of its support's
+    atoms (least squares on the support) and R the overlap average."""
+    o = p.options
+    patches = dict_lib._extract(high, o.patch_size, o.stride)
+    values = dict_lib.values_on_support(p.dictionaries, p.grams, k, support, patches,
+                                        o.image_chunk)
+    return dict_lib.rebuild_per_image(p.dictionaries, k, support, values, high.shape[1:],
+                                      o.patch_size, o.stride, o.image_chunk)
+
+
+@jax.custom_vjp
 def _linear_given_choices(p: Purifier, x, k, support):
-    """purify with the cluster and OMP supports held fixed: linear in x (before the clip)."""
+    """purify with the cluster and OMP supports held fixed: linear in x (before the clip).
+
+    Its vjp is written out: with R(Q) = Eᵀ(Q) / c (c: patches covering each pixel) and P_S
+    symmetric, the high part's transpose is Eᵀ P_S E(g / c) = c · R(P_S(E(g / c))), the same
+    fixed-support rebuild applied to g / c. Left to autodiff, the transpose of the rebuild's
+    gathers ran at a tenth of the forward's speed on a CPU."""
     low, high = _split(p, x)
-    patches = dict_lib._extract(high, p.options.patch_size, p.options.stride)
-    atoms = p.dictionaries[k]
-    values = jax.vmap(omp_lib.least_squares_on_support)(atoms, patches, support)
-    return _rebuild(p, low, k, support, values, x.shape[1:])
+    return low + _project_high(p, k, support, high)
+
+
+def _linear_fwd(p, x, k, support):
+    return _linear_given_choices(p, x, k, support), (p, x, k, support)
+
+
+def _linear_bwd(res, g):
+    p, x, k, support = res
+    o = p.options
+    counts = jnp.asarray(dict_lib.patch_counts(x.shape[1:], o.patch_size, o.stride), g.dtype)
+    g_high = counts * _project_high(p, k, support, g / counts)
+    _, split_vjp = jax.vjp(functools.partial(_split, p), x)
+    return (_zero_cotangent(p), split_vjp((g, g_high))[0], _zero_cotangent(k),
+            _zero_cotangent(support))
+
+
+_linear_given_choices.defvjp(_linear_fwd, _linear_bwd)
 
 
 @jax.custom_vjp
@@ -202,9 +234,7 @@ def _bpda_fwd(p, x):
 
 
 def _bpda_bwd(res, g):
-    p, x, k, support = res
-    _, vjp = jax.vjp(lambda xx: _linear_given_choices(p, xx, k, support), x)
-    return _zero_cotangent(p), vjp(g)[0]
+    return _linear_bwd(res, g)[:2]
 
 
 def _zero_cotangent(tree):

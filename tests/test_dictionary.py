@@ -194,3 +194,28 @@ def test_bad_learning_input():
     with pytest.raises(SrdjaxError, match="dim"):
         dl.reconstruct_high(jnp.ones((2, 8, 48)), jnp.zeros(1, jnp.int32),
                             jnp.zeros((1, 8, 8, 3)), 8, 2)
+
+
+def test_values_on_support_are_least_squares_per_patch():
+    """Per patch, with image i's dictionary and unused (-1) slots valued 0: numpy's lstsq on the
+    support's atoms, to 1e-4 relative (float32 Cholesky on well-conditioned systems)."""
+    rng = np.random.default_rng(0)
+    n_clusters, n_atoms, dim, n, p, sparsity = 3, 16, 12, 5, 7, 4
+    dics = rng.normal(size=(n_clusters, n_atoms, dim)).astype(np.float32)
+    dics /= np.linalg.norm(dics, axis=-1, keepdims=True)
+    grams = np.einsum("kad,kbd->kab", dics, dics)
+    k = rng.integers(0, n_clusters, n).astype(np.int32)
+    patches = rng.normal(size=(n, p, dim)).astype(np.float32)
+    support = np.stack([[rng.permutation(n_atoms)[:sparsity] for _ in range(p)]
+                        for _ in range(n)]).astype(np.int32)
+    support[0, 0, 2:] = -1                       # fewer atoms than slots
+    support[3, 5, 1:] = -1
+    values = np.asarray(dl.values_on_support(jnp.asarray(dics), jnp.asarray(grams), k, support,
+                                             patches, image_chunk=2))
+    for i in range(n):
+        for j in range(p):
+            used = support[i, j] >= 0
+            atoms = dics[k[i]][support[i, j, used]].astype(np.float64)
+            want = np.zeros(sparsity)
+            want[used] = np.linalg.lstsq(atoms.T, patches[i, j].astype(np.float64), rcond=None)[0]
+            np.testing.assert_allclose(values[i, j], want, rtol=1e-4, atol=1e-5)

@@ -232,6 +232,49 @@ def test_reported_accuracies_are_the_per_image_results(evaluated):
         assert result["worst_case"][n] == pytest.approx(worst.mean())
 
 
+def test_a_stopped_evaluation_resumes_from_its_saved_cells(evaluated):
+    """The cells saved by the fixture's run are reused by the same command (same per-image
+    results, nothing re-attacked); a deleted or corrupt cell file is attacked again; a changed
+    defense option re-attacks only that defense; resume=False re-attacks everything."""
+    workdir, first = evaluated
+    cells = sorted((workdir / "evaluation" / "cells").glob("*.npz"))
+    # 3 defenses × (2 attacks at ε = 8/255, pgd20 at ε = 0 for the curve, the unbounded check).
+    assert len(cells) == 3 * 4 and first["cells"] == {
+        "run": 12, "resumed": 0, "attack_seconds": pytest.approx(sum(
+            v or 0.0 for per in first["seconds"].values() for v in per.values()), abs=0.2)}
+    out = workdir / "evaluation_resumed"
+    shutil.copytree(workdir / "evaluation" / "cells", out / "cells")
+    overrides = {"evaluate.defenses": ("none", "jpeg", "srd_baseline"),
+                 "evaluate.attacks": ("fgsm", "pgd20"), "evaluate.output": out.name}
+
+    def per_image(name):
+        with np.load(workdir / name / "per_image.npz", allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+
+    resumed = evaluation.evaluate(smoke_config(workdir, **overrides))
+    assert resumed["cells"]["run"] == 0 and resumed["cells"]["resumed"] == 12
+    assert resumed["seconds"] == first["seconds"]
+    assert "12 of 12 attack cells resumed" in (out / "results.md").read_text()
+    want = per_image("evaluation")
+    for key, value in per_image(out.name).items():
+        np.testing.assert_array_equal(value, want[key], err_msg=key)
+
+    saved = sorted((out / "cells").glob("*.npz"))
+    saved[0].unlink()
+    saved[1].write_bytes(b"not an npz file")
+    again = evaluation.evaluate(smoke_config(workdir, **overrides))
+    assert again["cells"]["run"] == 2 and again["cells"]["resumed"] == 10
+    for key, value in per_image(out.name).items():
+        np.testing.assert_array_equal(value, want[key], err_msg=key)
+
+    changed = evaluation.evaluate(smoke_config(workdir, **overrides,
+                                               **{"evaluate.jpeg_quality": 40}))
+    assert changed["cells"]["run"] == 4 and changed["cells"]["resumed"] == 8    # jpeg's 4
+    fresh = evaluation.evaluate(smoke_config(workdir, **overrides,
+                                             **{"evaluate.resume": False}))
+    assert fresh["cells"]["run"] == 12 and fresh["cells"]["resumed"] == 0
+
+
 # ------------------------------------------------------------------------------ bad input
 
 

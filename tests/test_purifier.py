@@ -156,12 +156,13 @@ def _patch_matrices(size, patch, stride):
     return e, r_mat
 
 
-def test_bpda_gradient_equals_the_hand_computed_one():
-    """On 8×8 images: with cluster and supports fixed, purify is J x with
+@pytest.mark.parametrize("size,patch,stride", [(8, 4, 2), (9, 3, 2)])
+def test_bpda_gradient_equals_the_hand_computed_one(size, patch, stride):
+    """On small images: with cluster and supports fixed, purify is J x with
     J = L + R · blockdiag(P_S) · E · (I − L), P_S the projector onto each patch's selected
-    atoms; the BPDA gradient of w · purify(x) must be Jᵀ w."""
-    size, patch, stride = 8, 4, 2
-    p, x = _tiny_purifier(size, patch, stride), _images(n=1, seed=3)
+    atoms; the BPDA gradient of w · purify(x) must be Jᵀ w. (purify's backward pass is written
+    out, not autodiff; 3 / 2: a stride that does not divide the patch, other overlap counts.)"""
+    p, x = _tiny_purifier(size, patch, stride), _images(n=1, size=size, seed=3)
     w = np.asarray(jax.random.normal(jax.random.key(4), x.shape), np.float64)
     grad = jax.grad(lambda xx: jnp.sum(pur.purify_bpda(p, xx) * w))(x)
 
