@@ -7,6 +7,10 @@ above 32 use configs/imagenet10.py's patches, stride and dictionaries for that r
 (128: 16×16 patches at stride 8, 512 atoms, sparsity 12).
 Compile time is measured separately and excluded from the throughput. `--parts` also times
 each step (split, cluster choice, patches, correlations, OMP, rebuild) jitted alone on one device.
+`--grad` also times what a gradient attack pays per image: purify with its BPDA gradient (the
+forward pass and the written-out backward of `purify_bpda`), next to the same gradient by
+autodiff of the fixed-support linear map as it was before (a vmapped least squares on gathered
+atoms), both run per device as the attacks run, and prints their largest difference.
 """
 import argparse
 import os
@@ -84,6 +88,42 @@ def parts(purifier, x, repeats):
     return {name: min(_times(jax.jit(fn), args, repeats)[1]) for name, (fn, args) in steps.items()}
 
 
+def _reference_linear(p, x, k, support):
+    """The fixed-support linear map of purify as autodiff saw it before its vjp was written out:
+    least squares on each patch's gathered atoms (omp.least_squares_on_support), vmapped."""
+    from srdjax import dictionary as dl
+    from srdjax import omp
+    o = p.options
+    low, high = pur._split(p, x)
+    patches = dl._extract(high, o.patch_size, o.stride)
+    values = jax.vmap(omp.least_squares_on_support)(p.dictionaries[k], patches, support)
+    return pur._rebuild(p, low, k, support, values, x.shape[1:])
+
+
+def grad_bench(purifier, x, w, repeats, mesh):
+    """Images per second of purify + BPDA gradient, written-out backward vs autodiff, and the
+    largest absolute difference of the two gradients."""
+    from jax.sharding import PartitionSpec as P
+    axis = mesh.axis_names[0]
+
+    def written(p, u, w):
+        return jax.grad(lambda v: jnp.sum(pur.purify_bpda(p, v) * w))(u)
+
+    def autodiff(p, u, w):
+        _, k, support = pur._purify_with_choices(p, u)
+        return jax.vjp(lambda v: _reference_linear(p, v, k, support), u)[1](w)[0]
+
+    out, rates = {}, {}
+    for name, fn in (("written_out", written), ("autodiff_reference", autodiff)):
+        run = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(axis), P(axis)),
+                                    out_specs=P(axis), check_vma=False))
+        _, times = _times(run, (purifier, x, w), repeats)
+        out[name], rates[name] = run(purifier, x, w), x.shape[0] / min(times)
+    diff = float(jnp.max(jnp.abs(out["written_out"] - out["autodiff_reference"])))
+    scale = float(jnp.max(jnp.abs(out["autodiff_reference"])))
+    return {"images_per_s": rates, "max_abs_diff": diff, "max_abs_grad": scale}
+
+
 def bench(purifier, size, batch, repeats, mesh):
     x = np.random.default_rng(1).uniform(size=(batch, size, size, 3)).astype(np.float32)
     xb = parallel.shard_batch(mesh, x)
@@ -105,6 +145,8 @@ def main():
     ap.add_argument("--stride", type=int, default=1)
     ap.add_argument("--parts", action="store_true",
                     help="also time each step of purify alone, on one device")
+    ap.add_argument("--grad", action="store_true",
+                    help="also time purify with its BPDA gradient, against autodiff")
     ap.add_argument("--out", default="benchmarks/results/purify.json")
     args = ap.parse_args()
     mesh = parallel.make_mesh()
@@ -131,6 +173,15 @@ def main():
             row["parts_s"] = parts(p, x, args.repeats)
             print("          one device, each step alone: " + ", ".join(
                 f"{name} {1e3 * s:.1f} ms" for name, s in row["parts_s"].items()))
+        if args.grad:
+            rng = np.random.default_rng(2)
+            x, w = (parallel.shard_batch(mesh, rng.uniform(size=(batch, size, size, 3))
+                                         .astype(np.float32)) for _ in range(2))
+            row["grad"] = g = grad_bench(p, x, w, args.repeats, mesh)
+            print(f"          purify + BPDA gradient: {g['images_per_s']['written_out']:.1f} "
+                  f"images/s written out, {g['images_per_s']['autodiff_reference']:.1f} by "
+                  f"autodiff (largest difference {g['max_abs_diff']:.2g}, largest value "
+                  f"{g['max_abs_grad']:.2g})")
     write_json(args.out, {"machine": machine(), "rows": rows})
 
 
