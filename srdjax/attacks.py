@@ -633,6 +633,13 @@ class _SquareGoal(NamedTuple):
     eps: jax.Array
     key: jax.Array
     sizes: jax.Array      # the window side of each proposal
+    ids: jax.Array        # each row's index in the batch: its random draws are keyed by it
+
+
+# Host loops re-batch Square every this many queries to the rows not yet fooled: a fooled row
+# (margin <= 0) never changes again, so querying it is wasted (most of the cost on a CPU once
+# half the batch is fooled). Draws are keyed per row, so the images are those of one batch.
+SQUARE_COMPACT_EVERY = 50
 
 
 def _square_margin(g: _SquareGoal, u):
@@ -647,8 +654,10 @@ def _square_margin(g: _SquareGoal, u):
 def _square_init(settings, g, key):
     # Start: vertical stripes of +-eps, kept only where they beat the clean image.
     x = g.x
-    n, _, w, c = x.shape
-    stripes = jnp.clip(x + g.eps * jax.random.rademacher(key, (n, 1, w, c), x.dtype), 0.0, 1.0)
+    _, _, w, c = x.shape
+    signs = jax.vmap(lambda r: jax.random.rademacher(jax.random.fold_in(key, r), (1, w, c),
+                                                     x.dtype))(g.ids)
+    stripes = jnp.clip(x + g.eps * signs, 0.0, 1.0)
     m_clean, m_stripes = _square_margin(g, x), _square_margin(g, stripes)
     use = m_stripes < m_clean
     return jnp.where(_per_sample(use, x), stripes, x), jnp.where(use, m_stripes, m_clean)
@@ -662,17 +671,24 @@ def _square_body(settings, g, i, carry):
     cols = jnp.arange(w)[None, None, :, None]
     channel_bits = jnp.arange(min(c, 30))
     s = g.sizes[i]
-    k_top, k_left, k_sign, k_flip = jax.random.split(jax.random.fold_in(g.key, i), 4)
-    top = jax.random.randint(k_top, (n, 1, 1, 1), 0, h - s + 1)
-    left = jax.random.randint(k_left, (n, 1, 1, 1), 0, w - s + 1)
+    step_key = jax.random.fold_in(g.key, i)
+
+    def draws(row):
+        k_top, k_left, k_sign, k_flip = jax.random.split(jax.random.fold_in(step_key, row), 4)
+        return (jax.random.randint(k_top, (), 0, h - s + 1),
+                jax.random.randint(k_left, (), 0, w - s + 1),
+                jax.random.rademacher(k_sign, (c,), x.dtype),
+                jax.random.randint(k_flip, (), 1, 2 ** channel_bits.size))
+
+    top, left, signs, pattern = jax.vmap(draws)(g.ids)
+    top, left = top[:, None, None, None], left[:, None, None, None]
     window = (rows >= top) & (rows < top + s) & (cols >= left) & (cols < left + s)
-    signs = jax.random.rademacher(k_sign, (n, 1, 1, c), x.dtype)
+    signs = signs[:, None, None, :]
     proposal = lambda sg: jnp.where(window, jnp.clip(x + eps * sg, 0.0, 1.0), best)
     # A draw that leaves the window as it is wastes a query: redraw among the other sign
     # patterns (flip a random non-empty subset of channels), as the original's rejection loop.
     same = jnp.all(jnp.where(window, jnp.abs(proposal(signs) - best) < 1e-7, True),
                    axis=(1, 2, 3))
-    pattern = jax.random.randint(k_flip, (n,), 1, 2 ** channel_bits.size)
     flips = 1 - 2 * ((pattern[:, None] >> channel_bits) & 1)
     flips = jnp.pad(flips, ((0, 0), (0, c - channel_bits.size)), constant_values=1)
     signs = jnp.where(_per_sample(same, signs), signs * flips[:, None, None, :], signs)
@@ -683,14 +699,66 @@ def _square_body(settings, g, i, carry):
             jnp.where(accept, m_new, m_best))
 
 
+def _rows_like(values: np.ndarray, x):
+    """Host rows [n, ...] placed on the devices as x's rows are (x's first axis split)."""
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return jax.device_put(values, sharding) if sharding is not None else jnp.asarray(values)
+    spec = P(*sharding.spec[:1])
+    target = NamedSharding(sharding.mesh, spec)
+    return jax.make_array_from_callback(values.shape, target, lambda index: values[index])
+
+
+def _row_parts(x) -> int:
+    mesh = parallel.rows_mesh(x)
+    if mesh is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in jax.tree.leaves(x.sharding.spec[0])]))
+
+
+def _square_host(g: _SquareGoal, carry, n_steps: int):
+    """The query loop from the host, re-batched to the unfooled rows every SQUARE_COMPACT_EVERY
+    queries (sizes rounded up to eighths of the batch, so few shapes compile; padding repeats a
+    row, whose copies evolve identically). One process only: the rows are gathered on the host."""
+    n, parts = g.x.shape[0], _row_parts(g.x)
+    quantum = -(-max(1, -(-n // 8)) // parts) * parts
+    host = {name: np.asarray(getattr(g, name)) for name in ("x", "y", "target", "ids")
+            if getattr(g, name) is not None}
+    best, margin = np.array(carry[0]), np.array(carry[1])
+    rows, real, sub_g = np.arange(n), n, g
+    i = 0
+    while i < n_steps:
+        for j in range(i, min(i + SQUARE_COMPACT_EVERY, n_steps)):
+            carry = _host_apply(_square_body, (), sub_g, jnp.asarray(j, jnp.int32), carry)
+        i = min(i + SQUARE_COMPACT_EVERY, n_steps)
+        best[rows[:real]] = np.asarray(carry[0])[:real]
+        margin[rows[:real]] = np.asarray(carry[1])[:real]
+        active = np.nonzero(margin > 0)[0]
+        if i >= n_steps or active.size == 0:
+            break
+        size = -(-active.size // quantum) * quantum
+        if size >= len(rows):
+            continue
+        rows, real = np.concatenate([active, np.full(size - active.size, active[-1])]), active.size
+        sub_g = g._replace(**{name: _rows_like(v[rows], g.x) for name, v in host.items()})
+        carry = (_rows_like(best[rows], g.x), _rows_like(margin[rows], g.x))
+    return _rows_like(best, g.x)
+
+
 def _square_impl(fn, x, y, target, eps, key, *, n_queries, p_init):
-    _, h, w, _ = x.shape
+    n, h, w, _ = x.shape
     k_init, k_loop = jax.random.split(key)
     # One spare entry so that a budget of one query still traces the (never run) loop body.
     sizes = jnp.asarray(np.append(square_sizes(n_queries, p_init, h, w), 1))
-    g = _SquareGoal(fn, x, y, target, jnp.asarray(eps, x.dtype), k_loop, sizes)
+    host = _HOST.get() and is_concrete(x)
+    ids = (_rows_like(np.arange(n, dtype=np.int32), x) if host
+           else jnp.arange(n, dtype=jnp.int32))
+    g = _SquareGoal(fn, x, y, target, jnp.asarray(eps, x.dtype), k_loop, sizes, ids)
     carry = _apply(_square_init, (), g, k_init)
-    best, _ = _loop(n_queries - 1, _Step(_square_body, (), g), carry)
+    if host and jax.process_count() == 1:
+        best = _square_host(g, carry, n_queries - 1)
+    else:
+        best, _ = _loop(n_queries - 1, _Step(_square_body, (), g), carry)
     return jax.lax.stop_gradient(best.astype(x.dtype))
 
 

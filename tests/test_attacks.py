@@ -365,6 +365,37 @@ def test_host_loops_equal_one_compiled_program(trained_cnn, name, monkeypatch):
     np.testing.assert_allclose(out["host"], out["fused"], atol=2 * 4 / 255)
 
 
+def test_square_rebatched_to_the_unfooled_rows_gives_the_same_images(trained_cnn, monkeypatch):
+    """Host loops re-batch Square to the rows it has not fooled yet; draws are keyed per row, so
+    the images are those of the whole batch run to the end (as one fused program runs it), and
+    the later queries really ran on fewer rows."""
+    logits_fn, x, y = trained_cnn
+    x, y = x[:32], y[:32]
+    sizes = []
+    host_apply = attacks._host_apply
+
+    def recording(rule, settings, consts, *args):
+        if rule is attacks._square_body:
+            sizes.append(consts.x.shape[0])
+        return host_apply(rule, settings, consts, *args)
+
+    out = {}
+    for mode, every in (("fused", 10 ** 9), ("host", 4)):
+        monkeypatch.setattr(attacks, "LOOPS", mode)
+        monkeypatch.setattr(attacks, "SQUARE_COMPACT_EVERY", every)
+        monkeypatch.setattr(attacks, "_host_apply", recording)
+        out[mode] = np.asarray(attacks.square(logits_fn, x, y, eps=8 / 255, key=KEY,
+                                              n_queries=40))
+    assert sizes[0] == 32 and min(sizes) < 32, sizes       # it re-batched
+    fooled = np.asarray(jnp.argmax(logits_fn(out["host"]), -1) != y)
+    assert 0 < fooled.sum() < 32
+    # As in test_host_loops_equal_one_compiled_program: the same images up to float
+    # reassociation flipping a rare near-tie.
+    differ = np.abs(out["host"] - out["fused"]) > 1e-6
+    assert differ.mean() < 0.01, differ.mean()
+    np.testing.assert_allclose(out["host"], out["fused"], atol=2 * 8 / 255)
+
+
 def test_bad_loop_mode(linear2, monkeypatch):
     logits_fn, x, y, _ = linear2
     monkeypatch.setattr(attacks, "LOOPS", "sometimes")
