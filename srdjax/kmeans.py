@@ -177,37 +177,49 @@ def _sweep(x, x_sq, v, mean, centers, active, labels, upper, lower, need, *, blo
     (to the second nearest), and the change of the centered per-cluster sums and counts caused
     by rows that changed cluster, summed over `axis` when run per device. Label k means "in no
     cluster yet" (a row moving from it leaves no cluster's sums).
+
+    The sums are updated in a second pass over only the rows that moved: usually a small part
+    of the rows measured, and their [block, k] · [block, d] product costs as much per row as
+    the distances.
     """
     p, k = x.shape[0], centers.shape[0]
+    size = -(-p // block) * block
     count = jnp.sum(need)
-    idx = jnp.nonzero(need, size=-(-p // block) * block, fill_value=0)[0]
+    idx = jnp.nonzero(need, size=size, fill_value=0)[0]
 
-    def body(state):
-        b, labels, upper, lower, dsums, dcounts = state
+    def measure(state):
+        b, labels, upper, lower = state
         rows = jax.lax.dynamic_slice(idx, (b * block,), (block,))
         ok = b * block + jnp.arange(block) < count
-        xb = x[rows]
         new, first, second = _top2(
-            jnp.where(active, _sqdist(xb, x_sq[rows], centers, mean), jnp.inf))
-        old = labels[rows]
-        moved = ok & (new != old)
-        w = v[rows] * moved
-        # +w into the new cluster, -w out of the old one, as one signed [block, k] matrix: one
-        # small matmul over the rows already in cache instead of two scatter-adds.
-        lanes = jnp.arange(k)
-        signed = w[:, None] * ((new[:, None] == lanes).astype(x.dtype)
-                               - (old[:, None] == lanes).astype(x.dtype))
-        dsums = dsums + signed.T @ (xb - mean)
-        dcounts = dcounts + jnp.sum(signed, 0)
+            jnp.where(active, _sqdist(x[rows], x_sq[rows], centers, mean), jnp.inf))
         at = jnp.where(ok, rows, p)  # out of range: dropped
         return (b + 1, labels.at[at].set(new, mode="drop"),
                 upper.at[at].set(jnp.sqrt(first), mode="drop"),
-                lower.at[at].set(jnp.sqrt(second), mode="drop"), dsums, dcounts)
+                lower.at[at].set(jnp.sqrt(second), mode="drop"))
 
-    init = (jnp.zeros((), jnp.int32), labels, upper, lower, jnp.zeros_like(centers),
-            jnp.zeros((k,), x.dtype))
-    _, labels, upper, lower, dsums, dcounts = jax.lax.while_loop(
-        lambda st: st[0] * block < count, body, init)
+    old = labels
+    _, labels, upper, lower = jax.lax.while_loop(
+        lambda st: st[0] * block < count, measure, (jnp.zeros((), jnp.int32), old, upper, lower))
+
+    moved = labels != old
+    n_moved = jnp.sum(moved)
+    midx = jnp.nonzero(moved, size=size, fill_value=0)[0]
+    lanes = jnp.arange(k)
+
+    def accumulate(state):
+        b, dsums, dcounts = state
+        rows = jax.lax.dynamic_slice(midx, (b * block,), (block,))
+        w = v[rows] * (b * block + jnp.arange(block) < n_moved)
+        # +w into the new cluster, -w out of the old one, as one signed [block, k] matrix: one
+        # small matmul instead of two scatter-adds.
+        signed = w[:, None] * ((labels[rows][:, None] == lanes).astype(x.dtype)
+                               - (old[rows][:, None] == lanes).astype(x.dtype))
+        return b + 1, dsums + signed.T @ (x[rows] - mean), dcounts + jnp.sum(signed, 0)
+
+    _, dsums, dcounts = jax.lax.while_loop(
+        lambda st: st[0] * block < n_moved, accumulate,
+        (jnp.zeros((), jnp.int32), jnp.zeros_like(centers), jnp.zeros((k,), x.dtype)))
     if axis is not None:
         dsums, dcounts = jax.lax.psum((dsums, dcounts), axis)
     return labels, upper, lower, dsums, dcounts
