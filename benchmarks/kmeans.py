@@ -3,6 +3,7 @@
     python benchmarks/kmeans.py                      # 50,000 x 512 float32, k = 2..8
     python benchmarks/kmeans.py --n 5000 --d 64      # a quick run
     python benchmarks/kmeans.py --adaptive           # also adaptive_kmeans(k_max=8)
+    python benchmarks/kmeans.py --floors             # also what one full pass over x costs
 
 Data: 8 heavily overlapping Gaussian blobs, seeded: centers ~ N(0, 0.05^2 I), unit noise, so the
 centers are ~1.6 noise std apart and Lloyd needs 100-300 iterations (the regime where speed
@@ -28,7 +29,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score as sk_silhouette
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-jax = km = None  # imported in main(), after --devices has set XLA_FLAGS
+jax = jnp = km = None  # imported in main(), after --devices has set XLA_FLAGS
 
 
 def make_data(n, d, seed):
@@ -76,6 +77,32 @@ def bench_k(x, k, args):
                 sklearn_ms_per_iter=1e3 * t_sk / max(int(sk.n_iter_), 1))
 
 
+def bench_floors(x, ks, repeats):
+    """Milliseconds of the two things a full Lloyd pass cannot avoid, on the same sharded x:
+    reading every point (a row sum) and the distance matmul + argmin to k centers."""
+    rng = np.random.default_rng(0)
+    read = jax.jit(lambda x: jnp.sum(x, axis=1))
+    # The barrier keeps the matmul a library call: with fewer than 8 centers XLA's CPU backend
+    # otherwise fuses it into the argmin as a naive loop, 5-6x slower (srdjax's pass measures
+    # blocks of rows, where this does not happen).
+    nearest = jax.jit(lambda x, c: jnp.argmin(
+        jnp.sum(c * c, 1) - 2.0 * jax.lax.optimization_barrier(x @ c.T), axis=1))
+
+    def best(fn, *a):
+        jax.block_until_ready(fn(*a))
+        times = []
+        for _ in range(max(repeats, 5)):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*a))
+            times.append(time.perf_counter() - start)
+        return 1e3 * min(times)
+
+    out = dict(read_ms=best(read, x))
+    out["distances_ms"] = {int(k): best(nearest, x, jnp.asarray(
+        rng.normal(size=(k, x.shape[1])).astype(np.float32))) for k in ks}
+    return out
+
+
 def bench_adaptive(x, args):
     key = jax.random.key(args.seed)
     run = lambda: jax.block_until_ready(km.adaptive_kmeans(
@@ -113,17 +140,20 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threshold", type=float, default=0.1, help="as SILHOUETTE_THRESHOLD")
     parser.add_argument("--adaptive", action="store_true", help="also time adaptive_kmeans")
+    parser.add_argument("--floors", action="store_true",
+                        help="also time one read of x and one full distance pass per k")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kmeans.json"))
     parser.add_argument("--devices", type=int, default=2,
                         help="host devices to shard the points over (CPU only; 1 = no sharding)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    global jax, km
+    global jax, jnp, km
     if args.devices > 1:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
                                    f"platform_device_count={args.devices}").strip()
     import jax
+    import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     from srdjax import kmeans as km
 
@@ -157,6 +187,11 @@ def main():
                   cpus=os.cpu_count(), load_average=os.getloadavg(), rows=rows,
                   total=dict(srdjax_s=total_jax, sklearn_s=total_sk,
                              speedup=total_sk / total_jax))
+    if args.floors:
+        f = bench_floors(x, args.k, args.repeats)
+        report["floors"] = f
+        print(f"one read of x: {f['read_ms']:.2f} ms; one full pass of distances + argmin: "
+              + ", ".join(f"k={k} {t:.2f} ms" for k, t in f["distances_ms"].items()))
     if args.adaptive:
         a = bench_adaptive(x, args)
         report["adaptive"] = a
