@@ -168,6 +168,15 @@ def _top2(d2):
     return label, jnp.min(d2, -1), second
 
 
+def _compact(flags, size):
+    """Indices of the True entries of flags [p] in order, then zeros up to `size` >= p: what
+    jnp.nonzero(flags, size=size, fill_value=0)[0] gives, in half its time on a CPU (a cumsum
+    and one scatter; 0.45 against 0.86 ms for p = 25,000, ad hoc)."""
+    pos = jnp.where(flags, jnp.cumsum(flags, dtype=jnp.int32) - 1, size)
+    rows = jnp.arange(flags.shape[0], dtype=jnp.int32)
+    return jnp.zeros((size,), jnp.int32).at[pos].set(rows, mode="drop")
+
+
 def _sweep(x, x_sq, v, mean, centers, active, labels, upper, lower, need, *, block, axis):
     """Exact nearest and second-nearest active center for the rows where `need` (this device's).
 
@@ -185,7 +194,7 @@ def _sweep(x, x_sq, v, mean, centers, active, labels, upper, lower, need, *, blo
     p, k = x.shape[0], centers.shape[0]
     size = -(-p // block) * block
     count = jnp.sum(need)
-    idx = jnp.nonzero(need, size=size, fill_value=0)[0]
+    idx = _compact(need, size)
 
     def measure(state):
         b, labels, upper, lower = state
@@ -204,7 +213,7 @@ def _sweep(x, x_sq, v, mean, centers, active, labels, upper, lower, need, *, blo
 
     moved = labels != old
     n_moved = jnp.sum(moved)
-    midx = jnp.nonzero(moved, size=size, fill_value=0)[0]
+    midx = _compact(moved, size)
     lanes = jnp.arange(k)
 
     def accumulate(state):

@@ -163,6 +163,14 @@ def test_pruned_lloyd_runs_the_same_iterations_as_plain_lloyd():
             np.testing.assert_allclose(float(pruned.inertia), float(plain.inertia), rtol=1e-5)
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.03, 0.5, 1.0])
+def test_compact_gives_the_indices_of_nonzero(fraction):
+    flags = np.random.default_rng(1).random(1000) < fraction
+    want = np.zeros(1024, np.int32)
+    want[:flags.sum()] = np.flatnonzero(flags)
+    np.testing.assert_array_equal(np.asarray(km._compact(jnp.asarray(flags), 1024)), want)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda x: km.kmeans(jax.random.key(0), x, 0), "k must be"),
     (lambda x: km.kmeans(jax.random.key(0), x, 11), r"\[1, n=10\]"),
