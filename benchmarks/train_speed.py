@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from srdjax import xla_env  # noqa: E402
 
-xla_env.configure()
+xla_env.configure(compilation_cache=False)  # compile times are reported
 
 import importlib.util  # noqa: E402
 

@@ -9,11 +9,23 @@
   were queued; `training.fit` now waits for each step before dispatching the next.
 - A longer collective timeout (600 s) than XLA's 40 s, which aborts runs on a merely
   oversubscribed machine; a real deadlock still ends, with XLA's message, instead of hanging.
+- JAX's persistent compilation cache, for the entry points: a program that took over a second
+  to compile is kept on disk and loaded by the next run that needs it (an attack step through
+  purification compiles for minutes on a CPU; a resumed evaluation or training run, or a second
+  `purify.py`, then starts at once). Directory: $SRDJAX_COMPILATION_CACHE, else
+  ~/.cache/srdjax/xla; SRDJAX_COMPILATION_CACHE=off turns it off, and so does
+  JAX_COMPILATION_CACHE_DIR set to anything else by the user (theirs is kept). It is not
+  size-limited (JAX needs the `filelock` package for that): delete the directory to clear it;
+  entries are a few MB per program. The cache is keyed by the program, the JAX
+  version, the device and XLA_FLAGS, so a hit is the same program: results do not change.
+  Benchmarks turn it off (they report compile times).
 """
 import os
 
+CACHE_OFF = ("0", "off", "false", "no", "none")
 
-def configure() -> None:
+
+def configure(compilation_cache: bool = True) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     extra = []
     default = "2" if (os.cpu_count() or 1) >= 2 else "1"
@@ -24,3 +36,12 @@ def configure() -> None:
         extra.append("--xla_cpu_collective_call_terminate_timeout_seconds=600")
     if extra:
         os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+    cache = os.environ.get("SRDJAX_COMPILATION_CACHE", "").strip()
+    if (compilation_cache and cache.lower() not in CACHE_OFF
+            and "JAX_COMPILATION_CACHE_DIR" not in os.environ):
+        cache = os.path.expanduser(cache or os.path.join("~", ".cache", "srdjax", "xla"))
+        try:
+            os.makedirs(cache, exist_ok=True)
+        except OSError:  # e.g. a read-only home: run without the cache
+            return
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache

@@ -10,6 +10,16 @@ if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=2").strip()
 from srdjax import xla_env  # noqa: E402  (imports no jax; adds the collective timeout)
 
+# Compiled programs are cached for this test session only (shared with the entry points the
+# tests start as subprocesses), never in the user's ~/.cache.
+if "SRDJAX_COMPILATION_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+    _cache = tempfile.mkdtemp(prefix="srdjax-test-xla-")
+    os.environ["SRDJAX_COMPILATION_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, True)
+
 xla_env.configure()
 
 
