@@ -12,8 +12,9 @@ relative to the data mean, as in scikit-learn, so ||x||^2 - 2 x.c + ||c||^2 lose
 
 Two Lloyd loops give the same iterations: `_lloyd` reads every row every iteration (vmapped
 restarts and candidates on GPU/TPU run it in lockstep); `_lloyd_pruned`, the CPU default, keeps
-Hamerly's distance bounds per row and re-measures only rows that may change cluster, since a
-CPU pass is bound by reading x from memory.
+Hamerly's distance bounds per row and re-measures only rows that may change cluster: on a CPU a
+pass costs the thin [rows, d] x [d, k] distance matmul of every row it measures (a plain read of
+x is faster still; `benchmarks/kmeans.py --floors`).
 """
 from __future__ import annotations
 
@@ -157,7 +158,9 @@ def _lloyd(data, centers, active, tol_abs, max_iter, layout):
 # Rows read per block by the pruned Lloyd pass (a [block, d] gather, then [block, k] distances).
 # On benchmarks/kmeans.py's 50,000 × 512, against blocks of 128 rows and two scatter-adds for
 # the moved rows' sums (A/B in one process, ad-hoc): k = 2 7.2 vs 9.2 ms per iteration, k = 8
-# 10.0 vs 11.1 ms.
+# 10.0 vs 11.1 ms. Blocks of 512 and 1024 (after the sums moved to their own pass) were no
+# faster; nor were contiguous slabs of rows measured whole, which skip the gather but not the
+# per-block cost (ad hoc, 2026-11-28).
 PRUNE_BLOCK = 256
 
 
@@ -254,8 +257,8 @@ def _lloyd_pruned(data, centers, active, tol_abs, max_iter, layout, mesh):
     if u > max(l, s_a), s_a half the distance from its center to the nearest other one (Hamerly,
     "Making k-means even faster", SDM 2010). Only those rows are re-measured (exactly), and the
     per-cluster sums are updated by the rows that moved instead of being summed again. On a CPU
-    a Lloyd pass is bound by reading x; late iterations, where few rows are near a boundary,
-    then cost a fraction of a pass. Empty clusters are re-seeded as in `_lloyd`.
+    a Lloyd pass costs the distances of the rows it measures; late iterations, where few rows
+    are near a boundary, then cost a fraction of a pass. Empty clusters are re-seeded as in `_lloyd`.
     """
     x, x_sq, v, mean = data
     k = centers.shape[0]
