@@ -258,7 +258,8 @@ def _lloyd_pruned(data, centers, active, tol_abs, max_iter, layout, mesh):
     "Making k-means even faster", SDM 2010). Only those rows are re-measured (exactly), and the
     per-cluster sums are updated by the rows that moved instead of being summed again. On a CPU
     a Lloyd pass costs the distances of the rows it measures; late iterations, where few rows
-    are near a boundary, then cost a fraction of a pass. Empty clusters are re-seeded as in `_lloyd`.
+    are near a boundary, then cost a fraction of a pass. Empty clusters are re-seeded as in
+    `_lloyd`.
     """
     x, x_sq, v, mean = data
     k = centers.shape[0]

@@ -13,8 +13,8 @@
   to compile is kept on disk and loaded by the next run that needs it (an attack step through
   purification compiles for minutes on a CPU; a resumed evaluation or training run, or a second
   `purify.py`, then starts at once). Directory: $SRDJAX_COMPILATION_CACHE, else
-  ~/.cache/srdjax/xla; SRDJAX_COMPILATION_CACHE=off turns it off, and so does
-  JAX_COMPILATION_CACHE_DIR set to anything else by the user (theirs is kept). It is not
+  ~/.cache/srdjax/xla; SRDJAX_COMPILATION_CACHE=off turns it off, and a
+  JAX_COMPILATION_CACHE_DIR the user set is left as it is (theirs is used). It is not
   size-limited (JAX needs the `filelock` package for that): delete the directory to clear it;
   entries are a few MB per program. The cache is keyed by the program, the JAX
   version, the device and XLA_FLAGS, so a hit is the same program: results do not change.
