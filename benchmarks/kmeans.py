@@ -89,13 +89,9 @@ def bench_floors(x, ks, repeats):
         jnp.sum(c * c, 1) - 2.0 * jax.lax.optimization_barrier(x @ c.T), axis=1))
 
     def best(fn, *a):
-        jax.block_until_ready(fn(*a))
-        times = []
-        for _ in range(max(repeats, 5)):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*a))
-            times.append(time.perf_counter() - start)
-        return 1e3 * min(times)
+        run = lambda: jax.block_until_ready(fn(*a))  # noqa: E731
+        run()  # compile
+        return 1e3 * interleaved([run], max(repeats, 5))[1][0]
 
     out = dict(read_ms=best(read, x))
     out["distances_ms"] = {int(k): best(nearest, x, jnp.asarray(
