@@ -159,6 +159,38 @@ def test_learn_cluster_dictionaries(cifar_high):
     assert errors[0] < errors[1]
 
 
+@pytest.mark.parametrize("method", ["ksvd", "mod"])
+@pytest.mark.parametrize("m", [20, 300])                       # fewer and more patches than atoms
+def test_zero_padding_after_n_valid_changes_nothing(cifar_high, method, m):
+    patches = np.asarray(dl.sample_patches(jax.random.PRNGKey(7), cifar_high, m, 8))
+    padded = np.concatenate([patches, np.zeros((512 - m, patches.shape[1]), np.float32)])
+    key = jax.random.PRNGKey(8)
+    want, want_history = dl.learn_dictionary(key, patches, 32, 3, 3, method=method)
+    got, history = dl.learn_dictionary(key, padded, 32, 3, 3, method=method, n_valid=m)
+    # Zeros only change the order of some sums: float32 rounding, no different choice.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    np.testing.assert_allclose(history, want_history, rtol=1e-5)
+
+
+def test_clusters_of_different_sizes_share_compiled_steps(cifar_high):
+    """Three clusters of 1, 3 and 8 images (49, 147 and 392 patches at stride 4) are padded to
+    one size: each dictionary step compiles once, and every dictionary is the one learned from
+    its cluster's unpadded patches."""
+    ids = np.array([0] + [1] * 3 + [2] * 8)
+    key = jax.random.PRNGKey(9)
+    before = dl._reseed._cache_size()
+    dictionaries, _ = dl.learn_cluster_dictionaries(
+        key, cifar_high[:12], ids, 3, patch_size=8, stride=4, n_atoms=32, sparsity=3, n_iter=2,
+        max_patches_per_cluster=1000, progress=False)
+    assert dl._reseed._cache_size() - before <= 1
+    for cluster in range(3):
+        sample_key, learn_key = jax.random.split(jax.random.fold_in(key, cluster))
+        patches = dl.sample_patches(sample_key, cifar_high[:12][ids == cluster], 1000, 8, 4)
+        want, _ = dl.learn_dictionary(learn_key, patches, 32, 3, 2)
+        np.testing.assert_allclose(np.asarray(dictionaries[cluster]), np.asarray(want),
+                                   atol=2e-5)
+
+
 def test_reconstruct_high_uses_each_images_dictionary(cifar_high):
     patches = dl.extract_patches(cifar_high[:3], 8, 4)
     dictionaries = jnp.stack([dl.initial_dictionary(jax.random.PRNGKey(i), patches[i], 32)
@@ -188,6 +220,8 @@ def test_bad_learning_input():
         dl.learn_dictionary(jax.random.PRNGKey(0), np.ones((5, 4), np.float32), method="pca")
     with pytest.raises(SrdjaxError, match="NaN"):
         dl.learn_dictionary(jax.random.PRNGKey(0), np.full((5, 4), np.nan, np.float32), 4, 2)
+    with pytest.raises(SrdjaxError, match="n_valid"):
+        dl.learn_dictionary(jax.random.PRNGKey(0), np.ones((5, 4), np.float32), 4, 2, n_valid=6)
     with pytest.raises(SrdjaxError, match="cluster_ids"):
         dl.learn_cluster_dictionaries(jax.random.PRNGKey(0), np.zeros((2, 8, 8, 3), np.float32),
                                       np.array([0, 3]), 2)
