@@ -709,18 +709,11 @@ def _rows_like(values: np.ndarray, x):
     return jax.make_array_from_callback(values.shape, target, lambda index: values[index])
 
 
-def _row_parts(x) -> int:
-    mesh = parallel.rows_mesh(x)
-    if mesh is None:
-        return 1
-    return int(np.prod([mesh.shape[a] for a in jax.tree.leaves(x.sharding.spec[0])]))
-
-
 def _square_host(g: _SquareGoal, carry, n_steps: int):
     """The query loop from the host, re-batched to the unfooled rows every SQUARE_COMPACT_EVERY
     queries (sizes rounded up to eighths of the batch, so few shapes compile; padding repeats a
     row, whose copies evolve identically). One process only: the rows are gathered on the host."""
-    n, parts = g.x.shape[0], _row_parts(g.x)
+    n, parts = g.x.shape[0], parallel.row_parts(g.x)
     quantum = -(-max(1, -(-n // 8)) // parts) * parts
     host = {name: np.asarray(getattr(g, name)) for name in ("x", "y", "target", "ids")
             if getattr(g, name) is not None}

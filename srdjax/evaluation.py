@@ -399,11 +399,10 @@ def attack_matrix(built: dict, attack_names, x, y, *, eps: float, s: Settings, m
         if saved is not None:
             selector_wrong = saved[0]
         else:
-            selector_wrong = np.concatenate([
-                parallel.to_host(_selector_success(
-                    d.purifier, adversarial("selector", d, b, xb, yb), yb))[:hi - lo]
-                for b, (lo, hi) in enumerate(batches)
-                for xb, yb in [_batch(mesh, x, y, lo, hi, size)]])
+            selector_wrong = _map_batches(
+                lambda xb, yb, b: _selector_success(
+                    d.purifier, adversarial("selector", d, b, xb, yb), yb),
+                x, y, s, mesh, range(len(batches)))
             if cache is not None:
                 cache.save(key, selector_wrong, 0.0, f"selector success at eps {eps:.6g}")
     return {"correct": correct, "seconds": seconds, "selector_wrong": selector_wrong}

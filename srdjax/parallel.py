@@ -200,6 +200,14 @@ def rows_mesh(x) -> Mesh | None:
     return None
 
 
+def row_parts(x) -> int:
+    """Into how many parts the concrete array x's rows are split (1 if `rows_mesh(x)` is None)."""
+    mesh = rows_mesh(x)
+    if mesh is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in jax.tree.leaves(x.sharding.spec[0])]))
+
+
 def is_main_process() -> bool:
     return jax.process_index() == 0
 

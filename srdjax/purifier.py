@@ -28,7 +28,6 @@ from jax.sharding import PartitionSpec as P
 from srdjax import clusters as clusters_lib
 from srdjax import dictionary as dict_lib
 from srdjax import frequency
-from srdjax import omp as omp_lib
 from srdjax import parallel
 from srdjax.checks import check, check_images
 from srdjax.models import apply_model
@@ -147,11 +146,8 @@ def purify(p: Purifier, x, *, return_cluster: bool = False):
     separately; the result is split the same way."""
     check_input(p, x)
     mesh = parallel.rows_mesh(x)
-    if mesh is not None:
-        spec = P(x.sharding.spec[0])
-        parts = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(spec[0])]))
-        if x.shape[0] % parts == 0:
-            return _purify_per_device(mesh, spec, return_cluster)(p, x)
+    if mesh is not None and x.shape[0] % parallel.row_parts(x) == 0:
+        return _purify_per_device(mesh, P(x.sharding.spec[0]), return_cluster)(p, x)
     return _purify(p, x, return_cluster=return_cluster)
 
 

@@ -174,6 +174,22 @@ def test_eps_zero_attacks_give_the_clean_prediction_for_every_image():
     assert set(run["seconds"]["bit_depth"]) == set(s.attacks)
 
 
+def test_selector_success_through_the_matrix_is_the_per_image_clean_success_at_eps_zero():
+    """At ε = 0 the selector attack returns x, so the matrix's selector success (2 devices, a
+    padded last batch) is purify's clean cluster choice per image, wrong class or not."""
+    p, d = _purify_defense()
+    s = _settings(batch_size=4, attacks=("selector",))
+    x = np.asarray(_images(n=7))
+    y = np.asarray([0, 1, 1, 0, 1, 0, 0], np.int32)
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    run = evaluation.attack_matrix({"srd": d}, s.attacks, x, y, eps=0.0, s=s, mesh=mesh)
+    expected = np.asarray(adaptive.selector_success(p, jnp.asarray(x), jnp.asarray(y)))
+    assert 0 < expected.sum() < len(y)                       # both outcomes occur
+    np.testing.assert_array_equal(run["selector_wrong"], expected)
+    np.testing.assert_array_equal(run["correct"]["srd"]["selector"],
+                                  evaluation.predict_correct(d, x, y, s, mesh))
+
+
 # ------------------------------------------------------------------------------ end to end
 
 
