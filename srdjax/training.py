@@ -8,6 +8,7 @@ bars, a JSON-lines log, and an accuracy-curve plot.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Any, Callable
@@ -82,9 +83,11 @@ def make_train_step(graphdef, tx, loss_fn: Callable, mesh, *, crop_pad: int, fli
                    out_shardings=(repl, repl), donate_argnums=0)
 
 
+@functools.lru_cache(maxsize=32)
 def make_predict(graphdef, mesh, flip_tta: bool = False):
     """Jitted (logits, latent) in eval mode; with `flip_tta` the logits average the image and
-    its mirror (the latent is the unflipped image's)."""
+    its mirror (the latent is the unflipped image's). One function per (architecture, mesh), so
+    the stages that predict with it share its compiled programs."""
 
     def predict(params, batch_stats, x_u8):
         x = to_float(x_u8)
@@ -101,10 +104,12 @@ def predict_dataset(predict, params, batch_stats, ds: Dataset, mesh, batch_size:
                     desc: str | None = None):
     """Logits and latents of a whole dataset as host numpy arrays, in dataset order."""
     batch_size = max(mesh.size, batch_size - batch_size % mesh.size)
+    # A short last batch is padded to a full one: one program per batch size, not two.
+    pad = batch_size if len(ds) > batch_size else mesh.size
     logits, latents = [], []
     for start in tqdm(range(0, len(ds), batch_size), desc=desc, leave=False,
                       disable=desc is None or not parallel.is_main_process()):
-        xb, n = parallel.pad_to_multiple(ds.x[start:start + batch_size], mesh.size)
+        xb, n = parallel.pad_to_multiple(ds.x[start:start + batch_size], pad)
         lo, z = predict(params, batch_stats, parallel.shard_global(mesh, xb))
         logits.append(parallel.to_host(lo)[:n])
         latents.append(parallel.to_host(z)[:n])
