@@ -53,9 +53,9 @@ def test_a_complete_dictionary_rebuilds_the_image_exactly():
     identity: the low part passes through and the high part is rebuilt from the patches.
     Tolerance: like scikit-learn, OMP stops when the best remaining correlation² falls below
     machine epsilon, so float32 drops coefficients under sqrt(1.2e-7) ≈ 3.5e-4."""
-    dim = 4 * 4 * 3
+    dim = 2 * 2 * 3      # 2×2 patches at stride 1 (overlapping): OMP unrolls only 12 steps
     eye = np.stack([np.eye(dim), np.eye(dim)])
-    p, x = _tiny_purifier(n_atoms=dim, sparsity=dim, dictionaries=eye), _images()
+    p, x = _tiny_purifier(patch=2, stride=1, n_atoms=dim, sparsity=dim, dictionaries=eye), _images()
     np.testing.assert_allclose(p(x), x, atol=3.5e-4)
     assert float(jnp.mean(jnp.abs(p(x) - x))) < 1e-5
 
