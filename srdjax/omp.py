@@ -40,12 +40,25 @@ from srdjax.checks import check, check_finite, is_concrete
 DEFAULT_CHUNK = 1024
 
 
+# Width of the column groups `_first_argmax` reduces across first (see there).
+ARGMAX_GROUP = 32
+
+
 def _first_argmax(values):
-    """Index of the first maximum along axis 1 (np.argmax's tie rule); XLA's CPU argmax is a
-    slow variadic reduce, two plain reductions are several times faster."""
-    top = jnp.max(values, axis=1, keepdims=True)
-    lanes = jnp.arange(values.shape[1], dtype=jnp.int32)[None, :]
-    return jnp.min(jnp.where(values == top, lanes, values.shape[1]), axis=1), top[:, 0]
+    """(index of the first maximum along axis 1, the maximum): np.argmax's tie rule.
+
+    XLA's CPU argmax is a slow variadic reduce; two plain reductions (the max, then the lowest
+    index holding it) are several times faster. Each is done in two levels: [B, A] is seen as
+    [B, A / 32, 32] and reduced across the groups first, which XLA's CPU backend vectorizes,
+    then across the 32 lanes. In OMP's greedy step (256 atoms, blocks of 128 signals) this took
+    the coding of 16 images' patches from 68.8 to 60.8 ms (ad hoc, one process, 2026-11-28)."""
+    b, a = values.shape
+    g = ARGMAX_GROUP if a % ARGMAX_GROUP == 0 and a > ARGMAX_GROUP else a
+    grouped = values.reshape(b, a // g, g)
+    top = jnp.max(jnp.max(grouped, axis=1), axis=1)
+    lanes = jnp.arange(a, dtype=jnp.int32).reshape(1, a // g, g)
+    first = jnp.min(jnp.where(grouped == top[:, None, None], lanes, a), axis=1)
+    return jnp.min(first, axis=1), top
 
 
 def _pick(values, index):

@@ -270,3 +270,13 @@ def test_chunked_map_keeps_a_sharded_batch_on_its_devices():
     hlo = f.lower(x).compile().as_text()
     assert " all-gather(" not in hlo and " collective-permute(" not in hlo
     np.testing.assert_array_equal(f(x), np.asarray(x) * 3.0)
+
+
+@pytest.mark.parametrize("n_atoms", [256, 96, 32, 40, 7])      # grouped by 32, or not
+def test_first_argmax_is_numpys_argmax_with_its_tie_rule(n_atoms):
+    """Few distinct values, so most rows have ties (np.argmax keeps the lowest index)."""
+    values = np.random.default_rng(n_atoms).integers(0, 4, size=(300, n_atoms))
+    values = values.astype(np.float32)
+    index, top = omp_lib._first_argmax(jnp.asarray(values))
+    np.testing.assert_array_equal(index, np.argmax(values, axis=1))
+    np.testing.assert_array_equal(top, values.max(axis=1))
