@@ -3,6 +3,7 @@
     python benchmarks/omp.py                      # 10,000 CIFAR high-frequency 8x8x3 patches,
                                                   # 256 atoms, sparsity 8, float32
     python benchmarks/omp.py --data random --n 20000 --devices 2
+    python benchmarks/omp.py --argmax-ab          # also: the greedy step's argmax, old vs new
 
 scikit-learn is timed two ways, `sparse_encode(algorithm="omp")` and `orthogonal_mp_gram` with a
 precomputed Gram matrix and correlations (what sparse_encode calls underneath), and the faster is
@@ -37,6 +38,9 @@ def parse_args():
                         help="host CPU devices to shard the signals over (XLA forced devices)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sklearn-repeats", type=int, default=2)
+    parser.add_argument("--argmax-ab", action="store_true",
+                        help="also time srdjax's OMP with the row-wise argmax it used before "
+                             "2026-11-28 against the grouped one, alternating, in this run")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/omp.json"))
     return parser.parse_args()
 
@@ -60,6 +64,45 @@ def make_data(args, rng):
         dictionary, signals = patches[:args.atoms], patches[args.atoms:]
     dictionary = dictionary / np.linalg.norm(dictionary, axis=1, keepdims=True)
     return dictionary.astype(np.float32), signals.astype(np.float32)
+
+
+def rowwise_first_argmax(values):
+    """srdjax's `omp._first_argmax` before 2026-11-28: one max and one min along each row."""
+    import jax.numpy as jnp
+    top = jnp.max(values, axis=1, keepdims=True)
+    lanes = jnp.arange(values.shape[1], dtype=jnp.int32)[None, :]
+    return jnp.min(jnp.where(values == top, lanes, values.shape[1]), axis=1), top[:, 0]
+
+
+def argmax_ab(omp_lib, d_dev, x_dev, k, chunk, repeats):
+    """Best seconds of OMP coding with each argmax, alternating; and whether the codes agree."""
+    import functools
+    import jax
+    import numpy as np
+    grouped = omp_lib._first_argmax
+    code = functools.partial(omp_lib.omp_support_unchecked.__wrapped__, sparsity=k,
+                             use_tol=False, chunk_size=chunk)
+    gram = d_dev @ d_dev.T
+    programs = {}
+    for name, argmax in (("rowwise", rowwise_first_argmax), ("grouped", grouped)):
+        omp_lib._first_argmax = argmax      # read when the program is traced, just below
+        try:
+            program = jax.jit(code)
+            out = jax.block_until_ready(program(d_dev, x_dev, gram, 0.0))
+        finally:
+            omp_lib._first_argmax = grouped
+        programs[name] = (program, out)
+    best = {name: float("inf") for name in programs}
+    for _ in range(repeats):
+        for name, (program, _) in programs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(program(d_dev, x_dev, gram, 0.0))
+            best[name] = min(best[name], time.perf_counter() - start)
+    (s_a, v_a), (s_b, v_b) = (programs[n][1] for n in ("rowwise", "grouped"))
+    return {"rowwise_s": best["rowwise"], "grouped_s": best["grouped"],
+            "speedup": best["rowwise"] / best["grouped"],
+            "same_supports": bool(np.array_equal(np.asarray(s_a), np.asarray(s_b))),
+            "max_abs_value_diff": float(np.abs(np.asarray(v_a) - np.asarray(v_b)).max())}
 
 
 def timed(fn, repeats):
@@ -147,6 +190,12 @@ def main():
     print(f"support agreement {result['support_agreement']:.4f}   max |coef diff| "
           f"{result['max_abs_coef_diff']:.3g} (same support: "
           f"{result['max_abs_coef_diff_same_support']:.3g})")
+    if args.argmax_ab:
+        ab = argmax_ab(omp_lib, d_dev, x_dev, k, args.chunk, args.repeats)
+        result["argmax_ab"] = ab
+        print(f"argmax in the greedy step: row-wise {ab['rowwise_s']:.4f} s, grouped "
+              f"{ab['grouped_s']:.4f} s ({ab['speedup']:.2f}x); same supports "
+              f"{ab['same_supports']}, max |value diff| {ab['max_abs_value_diff']:.3g}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
