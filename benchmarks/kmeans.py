@@ -29,6 +29,8 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score as sk_silhouette
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import interleaved  # noqa: E402
+
 jax = jnp = km = None  # imported in main(), after --devices has set XLA_FLAGS
 
 
@@ -37,22 +39,6 @@ def make_data(n, d, seed):
     centers = 0.05 * rng.normal(size=(8, d))
     x = centers[rng.integers(0, 8, n)] + rng.normal(size=(n, d))
     return x.astype(np.float32)
-
-
-def interleaved(fns, repeats):
-    """Run the functions in turn, `repeats` rounds: (last outputs, best times, median times).
-
-    The machine is shared: alternating the two sides exposes both to the same interference,
-    and the best of the rounds is the least disturbed estimate of each.
-    """
-    times = [[] for _ in fns]
-    outs = [None] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            outs[i] = fn()
-            times[i].append(time.perf_counter() - start)
-    return outs, [min(t) for t in times], [float(np.median(t)) for t in times]
 
 
 def bench_k(x, k, args):

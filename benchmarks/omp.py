@@ -92,15 +92,12 @@ def argmax_ab(omp_lib, d_dev, x_dev, k, chunk, repeats):
         finally:
             omp_lib._first_argmax = grouped
         programs[name] = (program, out)
-    best = {name: float("inf") for name in programs}
-    for _ in range(repeats):
-        for name, (program, _) in programs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(program(d_dev, x_dev, gram, 0.0))
-            best[name] = min(best[name], time.perf_counter() - start)
+    from benchmarks.common import interleaved
+    _, (rowwise_s, grouped_s), _ = interleaved(
+        [lambda p=p: jax.block_until_ready(p(d_dev, x_dev, gram, 0.0))
+         for p, _ in programs.values()], repeats)
     (s_a, v_a), (s_b, v_b) = (programs[n][1] for n in ("rowwise", "grouped"))
-    return {"rowwise_s": best["rowwise"], "grouped_s": best["grouped"],
-            "speedup": best["rowwise"] / best["grouped"],
+    return {"rowwise_s": rowwise_s, "grouped_s": grouped_s, "speedup": rowwise_s / grouped_s,
             "same_supports": bool(np.array_equal(np.asarray(s_a), np.asarray(s_b))),
             "max_abs_value_diff": float(np.abs(np.asarray(v_a) - np.asarray(v_b)).max())}
 
