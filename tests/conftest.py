@@ -2,7 +2,11 @@
 
 The flag must be set before jax is imported anywhere.
 """
+import atexit
+import fcntl
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
@@ -13,9 +17,6 @@ from srdjax import xla_env  # noqa: E402  (imports no jax; adds the collective t
 # Compiled programs are cached for this test session only (shared with the entry points the
 # tests start as subprocesses), never in the user's ~/.cache.
 if "SRDJAX_COMPILATION_CACHE" not in os.environ:
-    import atexit
-    import shutil
-    import tempfile
     _cache = tempfile.mkdtemp(prefix="srdjax-test-xla-")
     os.environ["SRDJAX_COMPILATION_CACHE"] = _cache
     atexit.register(shutil.rmtree, _cache, True)
@@ -33,11 +34,26 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def smoke_workdir(tmp_path_factory):
-    """One run of every stage of configs/smoke.py, shared by the tests that read its result."""
+    """One run of every stage of configs/smoke.py, shared by the tests that read its result
+    (read-only: a test that changes it works on a copy).
+
+    Under pytest-xdist (`-n 2`) the workers share one run: the first to need it builds it under
+    a lock in their common temp directory, and the others wait for it there.
+    """
     from srdjax import stages
     from tests.helpers import smoke_config
-    workdir = tmp_path_factory.mktemp("smoke_all")
-    stages.run(smoke_config(workdir))
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        workdir = tmp_path_factory.mktemp("smoke_all")
+        stages.run(smoke_config(workdir))
+        return workdir
+    shared = tmp_path_factory.getbasetemp().parent
+    workdir, done = shared / "smoke_all", shared / "smoke_all.done"
+    with open(shared / "smoke_all.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():  # a worker whose run failed leaves no marker: the next one retries
+            shutil.rmtree(workdir, ignore_errors=True)
+            stages.run(smoke_config(workdir))
+            done.touch()
     return workdir
 
 
