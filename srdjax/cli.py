@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from srdjax.checks import SrdjaxError
 
@@ -43,9 +44,22 @@ def train_main(config) -> int:
     return 0
 
 
-def evaluate_main(config) -> int:
+# evaluate.py's --saved: a progress table of the run's saved cells instead of a run.
+EVALUATE_SWITCHES = {"saved": "print the attack cells the evaluation has saved so far (% correct "
+                              "after each attack, upper bounds on the report) and exit"}
+
+
+def evaluate_main(config, saved: bool = False) -> int:
     from srdjax import evaluation, parallel
     quiet_logs()
+    if saved:
+        cells = Path(config.workdir) / config.evaluate.output / "cells"
+        try:
+            print(evaluation.saved_cells_markdown(cells, config.evaluate.eps,
+                                                  config.evaluate.norm))
+        except SrdjaxError as e:
+            return _fail(str(e))
+        return 0
     try:
         _start_distributed(config)
         result = evaluation.evaluate(config)
@@ -84,17 +98,21 @@ def purify_main(argv) -> int:
         return _fail(str(e))
 
 
-def run_config_command(entry) -> None:
+def run_config_command(entry, switches: dict | None = None) -> None:
     """The body of train.py and evaluate.py: a required --config flag (ml_collections config
-    file, overridable as --config.a.b=value), then `entry(config)`'s exit code."""
+    file, overridable as --config.a.b=value), then `entry(config, **switches)`'s exit code.
+    `switches`: extra boolean flags of the command, {name: help}."""
     from absl import app, flags
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
                                     lock_config=True)
     flags.mark_flags_as_required(["config"])
+    for name, text in (switches or {}).items():
+        flags.DEFINE_boolean(name, False, text)
 
     def main(argv):
         del argv
-        sys.exit(entry(flags.FLAGS.config))
+        sys.exit(entry(flags.FLAGS.config,
+                       **{name: flags.FLAGS[name].value for name in switches or {}}))
 
     app.run(main)

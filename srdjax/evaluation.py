@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 import zlib
 from pathlib import Path
@@ -567,6 +568,75 @@ def _eps_text(eps: float, norm: str) -> str:
 def _table(header, rows) -> list[str]:
     return (["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (
         len(header) - 1)) + "|"] + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+# What `attack_matrix` writes into each saved cell: "<defense> under <attack> at eps <ε>, <n> images".
+_CELL_TEXT = re.compile(r"(?P<defense>\S+) under (?P<attack>\S+) at eps (?P<eps>\S+), "
+                        r"(?P<n>\d+) images")
+
+
+def saved_cells(directory) -> list[dict]:
+    """The attack cells saved in an evaluation's `cells/` folder, read from their own descriptions:
+    dicts of defense, attack, eps, n, correct (per image, after the attack), seconds, file.
+
+    It reads files only: no model, and whatever code or data made them (a cell's file name is a
+    hash of those, which only the run that made it can match). Of cells with the same defense,
+    attack, ε and n, the newest file is kept and the others counted as "older". Selector-success
+    cells and unreadable files are left out."""
+    found, older = {}, 0
+    for path in sorted(Path(directory).glob("*.npz"), key=lambda q: (q.stat().st_mtime, q.name)):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                text, correct, seconds = str(f["description"]), f["values"], float(f["seconds"])
+        except (OSError, ValueError, KeyError):
+            continue
+        m = _CELL_TEXT.fullmatch(text)
+        if m is None or correct.dtype != bool or correct.shape != (int(m["n"]),):
+            continue
+        cell = dict(defense=m["defense"], attack=m["attack"], eps=float(m["eps"]), n=int(m["n"]),
+                    correct=correct, seconds=seconds, file=path.name)
+        what = (cell["defense"], cell["attack"], cell["eps"], cell["n"])
+        older += what in found
+        found[what] = cell
+    cells = list(found.values())
+    for c in cells:
+        c["older"] = older
+    return cells
+
+
+def saved_cells_markdown(directory, eps: float | None = None, norm: str = "linf") -> str:
+    """A progress table of an unfinished evaluation from its saved cells at one ε (default: the ε
+    of most cells): % of images classified correctly after each attack, and the lowest per-image
+    result over the attacks saved so far. Both are upper bounds on the finished report's figures,
+    which also require a correct clean prediction and take the worst case over every attack."""
+    cells = saved_cells(directory)
+    check(bool(cells), f"no saved evaluation cells in {directory}")
+    if eps is None:
+        counts = {}
+        for c in cells:
+            counts[c["eps"]] = counts.get(c["eps"], 0) + 1
+        eps = max(counts, key=lambda e: (counts[e], e))
+    cells = [c for c in cells if math.isclose(c["eps"], eps, rel_tol=1e-5)]
+    check(bool(cells), f"no saved cells at eps {eps:.6g} in {directory}")
+    defenses = list(dict.fromkeys(c["defense"] for c in cells))
+    attacks = list(dict.fromkeys(c["attack"] for c in cells))
+    table = {(c["defense"], c["attack"]): c for c in cells}
+    rows = []
+    for d in defenses:
+        mine = [table[d, a] for a in attacks if (d, a) in table]
+        same_n = len({c["n"] for c in mine}) == 1
+        low = np.min(np.stack([c["correct"] for c in mine]), 0).mean() if same_n else None
+        rows.append([d] + [_pct(table[d, a]["correct"].mean()) if (d, a) in table else "–"
+                           for a in attacks] + [_pct(low), len(mine)])
+    ns = sorted({c["n"] for c in cells})
+    lines = [f"Saved cells in {directory} at ε = {_eps_text(eps, norm)}, "
+             f"n = {', '.join(map(str, ns))} images: % correct after each attack; – : not saved "
+             "(yet). Upper bounds on the finished report (which also requires a correct clean "
+             "prediction and takes every attack).", ""]
+    lines += _table(["defense"] + attacks + ["lowest so far", "cells"], rows)
+    if cells[0]["older"]:
+        lines += ["", f"{cells[0]['older']} older cell file(s) of the same cells ignored."]
+    return "\n".join(lines)
 
 
 def _resumed_text(r: dict) -> str:

@@ -1,5 +1,6 @@
 """Evaluation: BPDA gradients, adaptive attacks, the per-image worst case, reports, evaluate.py."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -246,6 +247,60 @@ def test_reported_accuracies_are_the_per_image_results(evaluated):
         worst = np.logical_and.reduce([clean] + adv)
         np.testing.assert_array_equal(per[f"{n}/worst_case"], worst)
         assert result["worst_case"][n] == pytest.approx(worst.mean())
+
+
+def test_saved_cells_table_is_the_run_per_image_results_at_its_eps(evaluated):
+    """`evaluate.py --saved` reads the fixture's cells: at ε = 8/255 they are the per-image
+    results of the report (the ε = 0 curve and unbounded cells are left out), and the lowest
+    result so far is the per-image minimum over the attacks."""
+    workdir, result = evaluated
+    with np.load(workdir / "evaluation" / "per_image.npz") as f:
+        per = {k: f[k] for k in f.files}
+    cells = evaluation.saved_cells(workdir / "evaluation" / "cells")
+    assert sorted({c["eps"] for c in cells}) == pytest.approx([0.0, 8 / 255, 1.0], rel=1e-5)
+    main = {(c["defense"], c["attack"]): c for c in cells if c["eps"] > 0.03 and c["eps"] < 0.04}
+    assert set(main) == {(n, a) for n in result["defenses"] for a in result["attacks"]}
+    for (n, a), c in main.items():
+        np.testing.assert_array_equal(c["correct"], per[f"{n}/{a}"])
+    out = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--config",
+                          str(REPO / "configs" / "smoke.py"), f"--config.workdir={workdir}",
+                          "--saved"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split("|")[1].strip(): [v.strip() for v in line.split("|")[2:-1]]
+            for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["defense"] == result["attacks"] + ["lowest so far", "cells"]
+    for n in result["defenses"]:
+        lowest = np.logical_and.reduce([per[f"{n}/{a}"] for a in result["attacks"]]).mean()
+        assert rows[n] == [f"{100 * per[f'{n}/{a}'].mean():.1f}" for a in result["attacks"]] + [
+            f"{100 * lowest:.1f}", str(len(result["attacks"]))]
+
+
+def test_saved_cells_keep_the_newest_of_a_cell_and_skip_what_is_not_a_cell(tmp_path):
+    cache = evaluation.CellCache(tmp_path, {})
+    rng = np.random.default_rng(0)
+    first, second, other = (rng.random(10) < 0.5 for _ in range(3))
+    cache.save("a", first, 1.0, "jpeg under pgd20 at eps 0.0313725, 10 images")
+    cache.save("b", other, 2.0, "jpeg under fgsm at eps 0.0313725, 10 images")
+    cache.save("c", second, 3.0, "jpeg under pgd20 at eps 0.0313725, 10 images")
+    for name, t in (("a", 0), ("b", 5), ("c", 10)):  # a and c: the same cell; c is newer
+        os.utime(tmp_path / f"{name}.npz", (1e9 + t, 1e9 + t))
+    cache.save("s", first, 0.0, "selector success at eps 0.0313725")
+    (tmp_path / "broken.npz").write_bytes(b"not an npz")
+    cells = evaluation.saved_cells(tmp_path)
+    assert sorted((c["attack"], c["file"]) for c in cells) == [("fgsm", "b.npz"),
+                                                                ("pgd20", "c.npz")]
+    assert all(c["older"] == 1 for c in cells)
+    text = evaluation.saved_cells_markdown(tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| jpeg"))
+    lowest = (second & other).mean()
+    assert text.splitlines()[2] == "| defense | pgd20 | fgsm | lowest so far | cells |"
+    assert row == (f"| jpeg | {100 * second.mean():.1f} | {100 * other.mean():.1f} | "
+                   f"{100 * lowest:.1f} | 2 |")
+    assert "1 older cell file(s)" in text
+    with pytest.raises(SrdjaxError, match="no saved evaluation cells"):
+        evaluation.saved_cells_markdown(tmp_path / "none")
+    with pytest.raises(SrdjaxError, match="no saved cells at eps 0.5"):
+        evaluation.saved_cells_markdown(tmp_path, eps=0.5)
 
 
 def test_a_stopped_evaluation_resumes_from_its_saved_cells(evaluated):
