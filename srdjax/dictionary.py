@@ -131,6 +131,15 @@ def _reconstruct(patches, image_shape, patch_size: int, stride: int):
     return base + spread / counts.astype(patches.dtype)
 
 
+def _average(patches, image_shape, patch_size: int, stride: int):
+    """The overlap average as a plain sum / count: `_reconstruct` up to float32 rounding (about
+    1e-6 apart, not bitwise when the patches agree), in a third of its time (ad hoc, one device:
+    5.4 against 17.6 ms for 64 CIFAR-size images at stride 1). Purify and its BPDA gradient use
+    it; the exact inverse stays with `reconstruct_from_patches`."""
+    counts = patch_counts(image_shape, patch_size, stride)
+    return _fold(patches, image_shape, patch_size, stride) / counts.astype(patches.dtype)
+
+
 def reconstruct_from_patches(patches, image_shape, patch_size: int, stride: int = 1):
     """Images [N, H, W, C] from their patches [N, P, p·p·C], averaging overlaps (exact inverse)."""
     image_shape = tuple(int(s) for s in image_shape)
@@ -509,7 +518,7 @@ def rebuild_per_image(dictionaries, cluster_idx, support, values, shape, patch_s
     patches = parallel.chunked_map(
         functools.partial(omp_lib.reconstruct_signals, dictionaries.reshape(-1, dim)),
         chunk, rows, values)
-    return _reconstruct(patches.reshape(n, n_patches, dim), shape, patch_size, stride)
+    return _average(patches.reshape(n, n_patches, dim), shape, patch_size, stride)
 
 
 @functools.partial(jax.jit, static_argnames=("patch_size", "sparsity", "stride", "image_chunk"))
