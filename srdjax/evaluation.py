@@ -570,19 +570,20 @@ def _table(header, rows) -> list[str]:
         len(header) - 1)) + "|"] + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-# What `attack_matrix` writes into each saved cell: "<defense> under <attack> at eps <ε>, <n> images".
+# What `attack_matrix` writes into a saved cell: "<defense> under <attack> at eps <ε>, <n> images".
 _CELL_TEXT = re.compile(r"(?P<defense>\S+) under (?P<attack>\S+) at eps (?P<eps>\S+), "
                         r"(?P<n>\d+) images")
 
 
-def saved_cells(directory) -> list[dict]:
-    """The attack cells saved in an evaluation's `cells/` folder, read from their own descriptions:
-    dicts of defense, attack, eps, n, correct (per image, after the attack), seconds, file.
+def saved_cells(directory) -> tuple[list[dict], int]:
+    """The attack cells saved in an evaluation's `cells/` folder, read from their own descriptions
+    (dicts of defense, attack, eps, n, correct per image after the attack, seconds, file), and
+    how many older files of the same cells were passed over.
 
     It reads files only: no model, and whatever code or data made them (a cell's file name is a
-    hash of those, which only the run that made it can match). Of cells with the same defense,
-    attack, ε and n, the newest file is kept and the others counted as "older". Selector-success
-    cells and unreadable files are left out."""
+    hash of those, which only the run that made it can match). Of files with the same defense,
+    attack, ε and n, the newest is kept. Selector-success cells and unreadable files are left
+    out."""
     found, older = {}, 0
     for path in sorted(Path(directory).glob("*.npz"), key=lambda q: (q.stat().st_mtime, q.name)):
         try:
@@ -598,10 +599,7 @@ def saved_cells(directory) -> list[dict]:
         what = (cell["defense"], cell["attack"], cell["eps"], cell["n"])
         older += what in found
         found[what] = cell
-    cells = list(found.values())
-    for c in cells:
-        c["older"] = older
-    return cells
+    return list(found.values()), older
 
 
 def saved_cells_markdown(directory, eps: float | None = None, norm: str = "linf") -> str:
@@ -609,7 +607,7 @@ def saved_cells_markdown(directory, eps: float | None = None, norm: str = "linf"
     of most cells): % of images classified correctly after each attack, and the lowest per-image
     result over the attacks saved so far. Both are upper bounds on the finished report's figures,
     which also require a correct clean prediction and take the worst case over every attack."""
-    cells = saved_cells(directory)
+    cells, older = saved_cells(directory)
     check(bool(cells), f"no saved evaluation cells in {directory}")
     if eps is None:
         counts = {}
@@ -634,8 +632,8 @@ def saved_cells_markdown(directory, eps: float | None = None, norm: str = "linf"
              "(yet). Upper bounds on the finished report (which also requires a correct clean "
              "prediction and takes every attack).", ""]
     lines += _table(["defense"] + attacks + ["lowest so far", "cells"], rows)
-    if cells[0]["older"]:
-        lines += ["", f"{cells[0]['older']} older cell file(s) of the same cells ignored."]
+    if older:
+        lines += ["", f"{older} older file(s) of the same cells passed over."]
     return "\n".join(lines)
 
 
