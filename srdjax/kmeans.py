@@ -378,10 +378,14 @@ def _lloyd_for(vectorize, mesh):
 
 @functools.partial(jax.jit, static_argnames=("k", "n_init", "max_iter", "layout", "vectorize",
                                              "mesh"))
-def _fit(key, x, v, tol, *, k, n_init, max_iter, layout, vectorize, mesh):
+def _fit(key, x, v, tol, init, *, k, n_init, max_iter, layout, vectorize, mesh):
     data, mean_var = _prepare(x, v)
     active = jnp.ones(k, bool)
     lloyd = _lloyd_for(vectorize, mesh)
+    if init is not None:  # the caller's start: one Lloyd run
+        centers, labels, inertia, n_iter = lloyd(data, init.astype(x.dtype) - data[3], active,
+                                                 tol * mean_var, max_iter, layout)
+        return KMeansResult(centers + data[3], labels, inertia, n_iter)
 
     def one(key):
         init = _kmeans_plusplus(key, data, k, _n_trials(k))
@@ -582,7 +586,8 @@ def _check_common(n_init, max_iter, tol, vectorize):
 
 def kmeans(key: jax.Array, x: jax.Array, k: int, *, mask: jax.Array | None = None,
            n_init: int = 4, max_iter: int = 100, tol: float = 1e-4,
-           chunk_size: int = DEFAULT_CHUNK, vectorize: bool | None = None) -> KMeansResult:
+           chunk_size: int = DEFAULT_CHUNK, vectorize: bool | None = None,
+           init: jax.Array | None = None) -> KMeansResult:
     """k-means of the rows of x [n, d]: greedy k-means++ start, Lloyd, best of n_init restarts.
 
     Stops when the summed squared shift of the centers is at most tol * (mean per-dimension
@@ -591,15 +596,22 @@ def kmeans(key: jax.Array, x: jax.Array, k: int, *, mask: jax.Array | None = Non
     vmapped if `vectorize` (default: on GPU/TPU), else one after another (default on CPU).
     mask [n] bool, optional: only these rows are clustered, the others get label -1 (lets a
     caller pad inputs to one shape and reuse one compiled program). If x is sharded by rows
-    over devices, the work is spread over them.
+    over devices, the work is spread over them. init [k, d], optional: start Lloyd from these
+    centers instead (one run; key and n_init are not used), as scikit-learn's array `init`.
     """
     x = _points(x)
     xp, v, layout, n_valid = _chunked_input(x, mask, chunk_size)
     check(isinstance(k, int) and 1 <= k <= n_valid,
           f"k must be an int in [1, n={n_valid}] (one cluster needs one point), got {k!r}")
     vectorize = _check_common(n_init, max_iter, tol, vectorize)
-    res = _fit(key, xp, v, jnp.asarray(tol, x.dtype), k=k, n_init=n_init, max_iter=max_iter,
-               layout=layout, vectorize=vectorize, mesh=_row_mesh(x, layout[0]))
+    if init is not None:
+        init = _points(init, "init")
+        check(init.shape == (k, x.shape[1]),
+              f"init must hold k={k} centers of dimension {x.shape[1]}, got shape "
+              f"{tuple(init.shape)}")
+    res = _fit(key, xp, v, jnp.asarray(tol, x.dtype), init, k=k, n_init=n_init,
+               max_iter=max_iter, layout=layout, vectorize=vectorize,
+               mesh=_row_mesh(x, layout[0]))
     chex.assert_shape(res.centers, (k, x.shape[1]))
     return res.replace(labels=_output_labels(res.labels, x.shape[0], mask))
 

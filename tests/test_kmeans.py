@@ -163,6 +163,29 @@ def test_pruned_lloyd_runs_the_same_iterations_as_plain_lloyd():
             np.testing.assert_allclose(float(pruned.inertia), float(plain.inertia), rtol=1e-5)
 
 
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_a_given_start_runs_sklearns_lloyd_path(vectorize):
+    """With scikit-learn's own k-means++ centers as `init`, both run the same Lloyd iterations
+    from the same start: the same iteration count and labels, inertia within 1e-5 relative
+    (float32 sums in different orders), on overlapping blobs where the run takes 25-100
+    iterations. (On larger overlapping data the two paths part after many iterations: a label
+    flipped by the last bit changes the next centers.)"""
+    from sklearn.cluster import kmeans_plusplus
+    rng = np.random.default_rng(0)
+    centers = 0.05 * rng.normal(size=(8, 32))
+    x = (centers[rng.integers(0, 8, 4000)] + rng.normal(size=(4000, 32))).astype(np.float32)
+    for k in (3, 8):
+        init, _ = kmeans_plusplus(x, k, random_state=k)
+        with threadpool_limits(1):
+            sk = KMeans(k, init=init, n_init=1, max_iter=300, tol=1e-4).fit(x)
+        res = km.kmeans(jax.random.key(0), x, k, init=jnp.asarray(init), max_iter=300,
+                        tol=1e-4, vectorize=vectorize)
+        assert int(res.n_iter) == sk.n_iter_ > 20, k
+        np.testing.assert_array_equal(np.asarray(res.labels), sk.labels_)
+        np.testing.assert_allclose(float(res.inertia), sk.inertia_, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(res.centers), sk.cluster_centers_, atol=1e-4)
+
+
 @pytest.mark.parametrize("fraction", [0.0, 0.03, 0.5, 1.0])
 def test_compact_gives_the_indices_of_nonzero(fraction):
     flags = np.random.default_rng(1).random(1000) < fraction
@@ -179,6 +202,9 @@ def test_compact_gives_the_indices_of_nonzero(fraction):
     (lambda x: km.kmeans(jax.random.key(0), x.at[3, 1].set(jnp.nan), 2), "NaN"),
     (lambda x: km.kmeans(jax.random.key(0), x.at[0, 0].set(jnp.inf), 2), "infinite"),
     (lambda x: km.kmeans(jax.random.key(0), x, 2, mask=np.ones(9, bool)), "mask"),
+    (lambda x: km.kmeans(jax.random.key(0), x, 2, init=x[:3]), "init must hold k=2"),
+    (lambda x: km.kmeans(jax.random.key(0), x, 2, init=x[:2].at[0, 0].set(jnp.nan)),
+     "init contains NaN"),
     (lambda x: km.adaptive_kmeans(jax.random.key(0), x, 3, criterion="gap"), "criterion"),
     (lambda x: km.adaptive_kmeans(jax.random.key(0), x, 12), "k_max"),
     (lambda x: km.silhouette_score(x, jnp.zeros(10, jnp.int32)), "distinct labels"),
