@@ -4,13 +4,16 @@
     python benchmarks/kmeans.py --n 5000 --d 64      # a quick run
     python benchmarks/kmeans.py --adaptive           # also adaptive_kmeans(k_max=8)
     python benchmarks/kmeans.py --floors             # also what one full pass over x costs
+    python benchmarks/kmeans.py --same-start         # both from the same k-means++ centers
 
 Data: 8 heavily overlapping Gaussian blobs, seeded: centers ~ N(0, 0.05^2 I), unit noise, so the
 centers are ~1.6 noise std apart and Lloyd needs 100-300 iterations (the regime where speed
 matters; well-separated blobs converge in 2-5 and time only the start). Both sides use one
 k-means++ start (n_init=1), the same max_iter and tol, float32. srdjax runs on --devices host
 devices (default 2, one per core) with the points sharded by rows, scikit-learn on its OpenMP
-threads (both cores). srdjax is warmed up on the same shapes first; its compile time is reported
+threads (both cores). With --same-start both start from scikit-learn's k-means++ centers, so
+the times are Lloyd's alone and the iteration counts differ only where float rounding sends the
+two paths apart. srdjax is warmed up on the same shapes first; its compile time is reported
 separately. The two sides alternate for --repeats rounds and the table shows the best round of
 each (medians are in the JSON). Writes benchmarks/results/kmeans.json.
 """
@@ -25,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sklearn.cluster import KMeans
+from sklearn.cluster import KMeans, kmeans_plusplus
 from sklearn.metrics import silhouette_score as sk_silhouette
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,14 +46,18 @@ def make_data(n, d, seed):
 
 def bench_k(x, k, args):
     key = jax.random.key(args.seed + k)
-    run = lambda: jax.block_until_ready(km.kmeans(key, x, k, n_init=1, max_iter=args.max_iter,
-                                                  tol=args.tol, chunk_size=args.chunk))
+    x_host = np.asarray(x)
+    init = None
+    if args.same_start:  # both from scikit-learn's k-means++ centers: only Lloyd is timed
+        init, _ = kmeans_plusplus(x_host, k, random_state=args.seed + k)
+    run = lambda: jax.block_until_ready(km.kmeans(  # noqa: E731
+        key, x, k, n_init=1, max_iter=args.max_iter, tol=args.tol, chunk_size=args.chunk,
+        init=None if init is None else jnp.asarray(init)))
     start = time.perf_counter()
     run()  # compile + one run
     first = time.perf_counter() - start
-    sk = KMeans(k, init="k-means++", n_init=1, max_iter=args.max_iter, tol=args.tol,
-                random_state=args.seed + k)
-    x_host = np.asarray(x)
+    sk = KMeans(k, init="k-means++" if init is None else init, n_init=1,
+                max_iter=args.max_iter, tol=args.tol, random_state=args.seed + k)
     (res, _), (t_jax, t_sk), (med_jax, med_sk) = interleaved(
         [run, lambda: sk.fit(x_host)], args.repeats)
     return dict(k=k, srdjax_s=t_jax, sklearn_s=t_sk, speedup=t_sk / t_jax,
@@ -122,6 +129,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threshold", type=float, default=0.1, help="as SILHOUETTE_THRESHOLD")
     parser.add_argument("--adaptive", action="store_true", help="also time adaptive_kmeans")
+    parser.add_argument("--same-start", action="store_true",
+                        help="start both from scikit-learn's k-means++ centers (times Lloyd only)")
     parser.add_argument("--floors", action="store_true",
                         help="also time one read of x and one full distance pass per k")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kmeans.json"))
@@ -164,6 +173,7 @@ def main():
     total_sk = sum(r["sklearn_s"] for r in rows)
     print(f"all {total_jax:>9.3f} {total_sk:>10.3f} {total_sk / total_jax:>7.1f}x")
     report = dict(n=args.n, d=args.d, max_iter=args.max_iter, tol=args.tol, seed=args.seed,
+                  start="same: scikit-learn's k-means++" if args.same_start else "each its own",
                   chunk=args.chunk, platform=platform.platform(), jax=jax.__version__,
                   devices=[str(dv) for dv in mesh.devices.flat], repeats=args.repeats,
                   cpus=os.cpu_count(), load_average=os.getloadavg(), rows=rows,
