@@ -388,8 +388,8 @@ def _fit(key, x, v, tol, init, *, k, n_init, max_iter, layout, vectorize, mesh):
         return KMeansResult(centers + data[3], labels, inertia, n_iter)
 
     def one(key):
-        init = _kmeans_plusplus(key, data, k, _n_trials(k))
-        return lloyd(data, init, active, tol * mean_var, max_iter, layout)
+        start = _kmeans_plusplus(key, data, k, _n_trials(k))
+        return lloyd(data, start, active, tol * mean_var, max_iter, layout)
 
     centers, labels, inertia, n_iter = _runs(one, jax.random.split(key, n_init), vectorize)
     best = jnp.argmin(inertia)
