@@ -7,6 +7,10 @@ above 32 use configs/imagenet10.py's patches, stride and dictionaries for that r
 (128: 16×16 patches at stride 8, 512 atoms, sparsity 12).
 Compile time is measured separately and excluded from the throughput. `--parts` also times
 each step (split, cluster choice, patches, correlations, OMP, rebuild) jitted alone on one device.
+`--profile` also prints where the whole program spends its time, per kind of XLA operation
+(`benchmarks.common.op_profile`, summed over both devices' threads). Every run records the CPU
+model and the share of CPU time the hypervisor gave to other guests during it
+(`cpu_steal_share`): on a shared virtual machine a run loses that share of its speed.
 `--grad` also times what a gradient attack pays per image: purify with its BPDA gradient (the
 forward pass and the written-out backward of `purify_bpda`), next to the same gradient by
 autodiff of the fixed-support linear map as it was before (a vmapped least squares on gathered
@@ -27,7 +31,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine, write_json  # noqa: E402
+from benchmarks.common import (cpu_times, machine, op_profile, steal_share,  # noqa: E402
+                               write_json)
 from configs import imagenet10  # noqa: E402
 from srdjax import clusters, parallel, purifier as pur  # noqa: E402
 from srdjax.models import create_model, split_model  # noqa: E402
@@ -147,8 +152,11 @@ def main():
                     help="also time each step of purify alone, on one device")
     ap.add_argument("--grad", action="store_true",
                     help="also time purify with its BPDA gradient, against autodiff")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the whole program's time per kind of XLA operation")
     ap.add_argument("--out", default="benchmarks/results/purify.json")
     args = ap.parse_args()
+    start = cpu_times()
     mesh = parallel.make_mesh()
     rows = []
     for size in map(int, args.sizes.split(",")):
@@ -168,6 +176,14 @@ def main():
         rows.append(row)
         print(f"{size:>4}x{size:<4} batch {batch:>4}  {row['images_per_s']:9.1f} images/s  "
               f"(compile {row['compile_s']:.1f} s, {row['patches_per_image']} patches/image)")
+        if args.profile:
+            x = parallel.shard_batch(mesh, np.random.default_rng(1).uniform(
+                size=(batch, size, size, 3)).astype(np.float32))
+            row["profile"] = op_profile(pur.purify, (p, x), args.repeats)
+            print("          time per kind of operation, ms per batch (events per batch):")
+            for op in row["profile"]:
+                print(f"          {op['ms_per_call']:9.2f}  ({op['events_per_call']:7.0f})  "
+                      f"{op['op']}")
         if args.parts:
             x = np.random.default_rng(1).uniform(size=(batch, size, size, 3)).astype(np.float32)
             row["parts_s"] = parts(p, x, args.repeats)
@@ -182,7 +198,10 @@ def main():
                   f"images/s written out, {g['images_per_s']['autodiff_reference']:.1f} by "
                   f"autodiff (largest difference {g['max_abs_diff']:.2g}, largest value "
                   f"{g['max_abs_grad']:.2g})")
-    write_json(args.out, {"machine": machine(), "rows": rows})
+    steal = steal_share(start)
+    if steal is not None:
+        print(f"CPU time stolen by the hypervisor during this run: {steal:.0%}")
+    write_json(args.out, {"machine": machine(since=start), "rows": rows})
 
 
 if __name__ == "__main__":
