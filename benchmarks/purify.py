@@ -11,6 +11,9 @@ each step (split, cluster choice, patches, correlations, OMP, rebuild) jitted al
 (`benchmarks.common.op_profile`, summed over both devices' threads). Every run records the CPU
 model and the share of CPU time the hypervisor gave to other guests during it
 (`cpu_steal_share`): on a shared virtual machine a run loses that share of its speed.
+`--map-ab` times purify, and purify with its BPDA gradient, with `parallel.chunked_map` as it
+is and as it was before 2026-11-28 (mapping over a swapped copy of its inputs), alternating in
+one process, run per device, and prints their largest difference.
 `--grad` also times what a gradient attack pays per image: purify with its BPDA gradient (the
 forward pass and the written-out backward of `purify_bpda`), next to the same gradient by
 autodiff of the fixed-support linear map as it was before (a vmapped least squares on gathered
@@ -31,8 +34,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import (cpu_times, machine, op_profile, steal_share,  # noqa: E402
-                               write_json)
+from benchmarks.common import (cpu_times, interleaved, machine, op_profile,  # noqa: E402
+                               steal_share, write_json)
 from configs import imagenet10  # noqa: E402
 from srdjax import clusters, parallel, purifier as pur  # noqa: E402
 from srdjax.models import create_model, split_model  # noqa: E402
@@ -129,6 +132,53 @@ def grad_bench(purifier, x, w, repeats, mesh):
     return {"images_per_s": rates, "max_abs_diff": diff, "max_abs_grad": scale}
 
 
+def _swapped_chunked_map(fn, chunk, *arrays):
+    """parallel.chunked_map before 2026-11-28: the same chunks, mapped with lax.map over a
+    [n_chunks, c, ...] copy of every input (and the outputs swapped back)."""
+    n = arrays[0].shape[0]
+    n_chunks, c, pad = parallel.chunk_layout(n, chunk)
+
+    def split(a):
+        a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
+        return a.reshape(c, n_chunks, *a.shape[1:]).swapaxes(0, 1)
+
+    out = jax.lax.map(lambda args: fn(*args), tuple(split(a) for a in arrays))
+    return jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(n_chunks * c, *a.shape[2:])[:n], out)
+
+
+def map_ab(purifier, x, w, repeats, mesh):
+    """Images per second of purify and of purify + BPDA gradient with each chunked_map, the
+    two alternating (`benchmarks.common.interleaved`), and their largest differences."""
+    from jax.sharding import PartitionSpec as P
+    axis, current = mesh.axis_names[0], parallel.chunked_map
+
+    def program(chunked_map, grad):
+        def run(p, u, w):
+            parallel.chunked_map = chunked_map   # read when the program is traced
+            try:
+                if grad:
+                    return jax.grad(lambda v: jnp.sum(pur.purify_bpda(p, v) * w))(u)
+                return pur._purify_with_choices(p, u)[0]
+            finally:
+                parallel.chunked_map = current
+        return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P(axis), P(axis)),
+                                     out_specs=P(axis), check_vma=False))
+
+    out = {}
+    for grad in (False, True):
+        fns = [program(m, grad) for m in (_swapped_chunked_map, current)]
+        runs = [lambda f=f: jax.block_until_ready(f(purifier, x, w)) for f in fns]
+        for r in runs:
+            r()  # compile
+        (before, after), best, median = interleaved(runs, repeats)
+        out["purify_bpda_grad" if grad else "purify"] = {
+            "before_images_per_s": x.shape[0] / best[0], "after_images_per_s": x.shape[0] / best[1],
+            "before_median_images_per_s": x.shape[0] / median[0],
+            "after_median_images_per_s": x.shape[0] / median[1],
+            "max_abs_diff": float(jnp.max(jnp.abs(before - after)))}
+    return out
+
+
 def bench(purifier, size, batch, repeats, mesh):
     x = np.random.default_rng(1).uniform(size=(batch, size, size, 3)).astype(np.float32)
     xb = parallel.shard_batch(mesh, x)
@@ -152,6 +202,9 @@ def main():
                     help="also time each step of purify alone, on one device")
     ap.add_argument("--grad", action="store_true",
                     help="also time purify with its BPDA gradient, against autodiff")
+    ap.add_argument("--map-ab", action="store_true",
+                    help="also time purify (and its BPDA gradient) with chunked_map before and "
+                         "after 2026-11-28's change, alternating")
     ap.add_argument("--profile", action="store_true",
                     help="also print the whole program's time per kind of XLA operation")
     ap.add_argument("--out", default="benchmarks/results/purify.json")
@@ -176,6 +229,17 @@ def main():
         rows.append(row)
         print(f"{size:>4}x{size:<4} batch {batch:>4}  {row['images_per_s']:9.1f} images/s  "
               f"(compile {row['compile_s']:.1f} s, {row['patches_per_image']} patches/image)")
+        if args.map_ab:
+            rng = np.random.default_rng(3)
+            x, w = (parallel.shard_batch(mesh, rng.uniform(size=(batch, size, size, 3))
+                                         .astype(np.float32)) for _ in range(2))
+            row["map_ab"] = ab = map_ab(p, x, w, args.repeats, mesh)
+            for name, r in ab.items():
+                print(f"          {name}, chunked_map before -> after: "
+                      f"{r['before_images_per_s']:.1f} -> {r['after_images_per_s']:.1f} images/s "
+                      f"(medians {r['before_median_images_per_s']:.1f} -> "
+                      f"{r['after_median_images_per_s']:.1f}; largest difference "
+                      f"{r['max_abs_diff']:.2g})")
         if args.profile:
             x = parallel.shard_batch(mesh, np.random.default_rng(1).uniform(
                 size=(batch, size, size, 3)).astype(np.float32))

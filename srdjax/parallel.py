@@ -317,8 +317,21 @@ def fori_loop(n: int, body, carry, unroll_max: int | None = None):
     return jax.lax.fori_loop(0, n, body, carry)
 
 
+def chunk_layout(n: int, chunk: int):
+    """(number of chunks, rows per chunk, padding rows) of `chunked_map` for n >= 1 rows."""
+    n_chunks = -(-n // max(1, min(chunk, n)))
+    # Chunks of (nearly) `chunk` rows that divide n need no padding (padding rows at the end
+    # shifts the devices' blocks, and XLA then moves rows between devices to re-align them),
+    # and chunks of a multiple of 8 rows split evenly over up to 8 devices (else XLA gathers).
+    sizes = range(n_chunks, 2 * n_chunks + 1)
+    n_chunks = next((m for m in sizes if n % m == 0 and (n // m) % 8 == 0),
+                    next((m for m in sizes if n % m == 0), n_chunks))
+    c = -(-n // n_chunks)
+    return n_chunks, c, n_chunks * c - n
+
+
 def chunked_map(fn, chunk: int, *arrays):
-    """`fn` over `chunk` rows at a time (`jax.lax.map`), for arrays sharing the leading axis
+    """`fn` over `chunk` rows at a time (a `fori_loop`), for arrays sharing the leading axis
     [N, ...]; the rows are zero-padded to a whole number of chunks and the padding dropped from
     the outputs (a pytree of [N, ...] arrays).
 
@@ -329,19 +342,11 @@ def chunked_map(fn, chunk: int, *arrays):
     n = arrays[0].shape[0]
     if n == 0:
         return fn(*arrays)
-    n_chunks = -(-n // max(1, min(chunk, n)))
-    # Chunks of (nearly) `chunk` rows that divide n need no padding (padding rows at the end
-    # shifts the devices' blocks, and XLA then moves rows between devices to re-align them),
-    # and chunks of a multiple of 8 rows split evenly over up to 8 devices (else XLA gathers).
-    sizes = range(n_chunks, 2 * n_chunks + 1)
-    n_chunks = next((m for m in sizes if n % m == 0 and (n // m) % 8 == 0),
-                    next((m for m in sizes if n % m == 0), n_chunks))
-    c = -(-n // n_chunks)
-    pad = n_chunks * c - n
+    n_chunks, c, pad = chunk_layout(n, chunk)
 
-    # [c, n_chunks, ...]: a reshape, no copy. Chunk j is column j, sliced in the loop; mapping
-    # over a swapped [n_chunks, c, ...] copy instead wrote and read all of every input once
-    # more (in purify, the [patches, atoms] correlations: ~11% of the OMP's time, ad hoc).
+    # [c, n_chunks, ...]: a reshape, no copy. Chunk j is column j, sliced in the loop. Mapping
+    # over a swapped [n_chunks, c, ...] copy instead wrote and read every input once more (in
+    # purify, OMP's [patches, atoms] correlations); `benchmarks/purify.py --map-ab` times both.
     xs = tuple(jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape(c, n_chunks, *a.shape[1:])
                for a in arrays)
 
