@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import (cpu_times, interleaved, machine, op_profile,  # noqa: E402
-                               steal_share, write_json)
+                               write_json)
 from configs import imagenet10  # noqa: E402
 from srdjax import clusters, parallel, purifier as pur  # noqa: E402
 from srdjax.models import create_model, split_model  # noqa: E402
@@ -179,8 +179,13 @@ def map_ab(purifier, x, w, repeats, mesh):
     return out
 
 
+def _images(rng, batch, size):
+    """A batch of uniform float32 images [batch, size, size, 3] drawn from rng."""
+    return rng.uniform(size=(batch, size, size, 3)).astype(np.float32)
+
+
 def bench(purifier, size, batch, repeats, mesh):
-    x = np.random.default_rng(1).uniform(size=(batch, size, size, 3)).astype(np.float32)
+    x = _images(np.random.default_rng(1), batch, size)
     xb = parallel.shard_batch(mesh, x)
     compile_s, times = _times(pur.purify, (purifier, xb), repeats)
     best = min(times)
@@ -231,8 +236,7 @@ def main():
               f"(compile {row['compile_s']:.1f} s, {row['patches_per_image']} patches/image)")
         if args.map_ab:
             rng = np.random.default_rng(3)
-            x, w = (parallel.shard_batch(mesh, rng.uniform(size=(batch, size, size, 3))
-                                         .astype(np.float32)) for _ in range(2))
+            x, w = (parallel.shard_batch(mesh, _images(rng, batch, size)) for _ in range(2))
             row["map_ab"] = ab = map_ab(p, x, w, args.repeats, mesh)
             for name, r in ab.items():
                 print(f"          {name}, chunked_map before -> after: "
@@ -241,31 +245,28 @@ def main():
                       f"{r['after_median_images_per_s']:.1f}; largest difference "
                       f"{r['max_abs_diff']:.2g})")
         if args.profile:
-            x = parallel.shard_batch(mesh, np.random.default_rng(1).uniform(
-                size=(batch, size, size, 3)).astype(np.float32))
+            x = parallel.shard_batch(mesh, _images(np.random.default_rng(1), batch, size))
             row["profile"] = op_profile(pur.purify, (p, x), args.repeats)
             print("          time per kind of operation, ms per batch (events per batch):")
             for op in row["profile"]:
                 print(f"          {op['ms_per_call']:9.2f}  ({op['events_per_call']:7.0f})  "
                       f"{op['op']}")
         if args.parts:
-            x = np.random.default_rng(1).uniform(size=(batch, size, size, 3)).astype(np.float32)
-            row["parts_s"] = parts(p, x, args.repeats)
+            row["parts_s"] = parts(p, _images(np.random.default_rng(1), batch, size), args.repeats)
             print("          one device, each step alone: " + ", ".join(
                 f"{name} {1e3 * s:.1f} ms" for name, s in row["parts_s"].items()))
         if args.grad:
             rng = np.random.default_rng(2)
-            x, w = (parallel.shard_batch(mesh, rng.uniform(size=(batch, size, size, 3))
-                                         .astype(np.float32)) for _ in range(2))
+            x, w = (parallel.shard_batch(mesh, _images(rng, batch, size)) for _ in range(2))
             row["grad"] = g = grad_bench(p, x, w, args.repeats, mesh)
             print(f"          purify + BPDA gradient: {g['images_per_s']['written_out']:.1f} "
                   f"images/s written out, {g['images_per_s']['autodiff_reference']:.1f} by "
                   f"autodiff (largest difference {g['max_abs_diff']:.2g}, largest value "
                   f"{g['max_abs_grad']:.2g})")
-    steal = steal_share(start)
-    if steal is not None:
-        print(f"CPU time stolen by the hypervisor during this run: {steal:.0%}")
-    write_json(args.out, {"machine": machine(since=start), "rows": rows})
+    info = machine(since=start)
+    if info["cpu_steal_share"] is not None:
+        print(f"CPU time stolen by the hypervisor during this run: {info['cpu_steal_share']:.0%}")
+    write_json(args.out, {"machine": info, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -353,8 +353,7 @@ def chunked_map(fn, chunk: int, *arrays):
     def take(j):
         return tuple(jax.lax.dynamic_index_in_dim(a, j, axis=1, keepdims=False) for a in xs)
 
-    shapes = jax.eval_shape(lambda *a: fn(*a), *(jax.ShapeDtypeStruct((c, *a.shape[2:]), a.dtype)
-                                                 for a in xs))
+    shapes = jax.eval_shape(fn, *(jax.ShapeDtypeStruct((c, *a.shape[2:]), a.dtype) for a in xs))
     init = jax.tree.map(lambda o: jnp.zeros((c, n_chunks, *o.shape[1:]), o.dtype), shapes)
 
     def body(j, out):
