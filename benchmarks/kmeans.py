@@ -20,9 +20,7 @@ each (medians are in the JSON). Writes benchmarks/results/kmeans.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ from sklearn.cluster import KMeans, kmeans_plusplus
 from sklearn.metrics import silhouette_score as sk_silhouette
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import interleaved  # noqa: E402
+from benchmarks.common import cpu_times, interleaved, machine, write_json  # noqa: E402
 
 jax = jnp = km = None  # imported in main(), after --devices has set XLA_FLAGS
 
@@ -148,6 +146,7 @@ def main():
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     from srdjax import kmeans as km
 
+    cpu_start = cpu_times()
     devices = jax.devices()[:max(1, args.devices)]
     if args.n % len(devices):  # rows must split evenly over the devices
         devices = devices[:1]
@@ -174,9 +173,8 @@ def main():
     print(f"all {total_jax:>9.3f} {total_sk:>10.3f} {total_sk / total_jax:>7.1f}x")
     report = dict(n=args.n, d=args.d, max_iter=args.max_iter, tol=args.tol, seed=args.seed,
                   start="same: scikit-learn's k-means++" if args.same_start else "each its own",
-                  chunk=args.chunk, platform=platform.platform(), jax=jax.__version__,
-                  devices=[str(dv) for dv in mesh.devices.flat], repeats=args.repeats,
-                  cpus=os.cpu_count(), load_average=os.getloadavg(), rows=rows,
+                  chunk=args.chunk, devices=[str(dv) for dv in mesh.devices.flat],
+                  repeats=args.repeats, rows=rows,
                   total=dict(srdjax_s=total_jax, sklearn_s=total_sk,
                              speedup=total_sk / total_jax))
     if args.floors:
@@ -190,10 +188,8 @@ def main():
         print(f"adaptive k_max=8: srdjax {a['srdjax_s']:.3f} s (compile {a['compile_s']:.1f} s, "
               f"k={a['srdjax_k']}), sklearn loop + silhouette {a['sklearn_s']:.3f} s "
               f"(k={a['sklearn_k']}), {a['speedup']:.1f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    report["machine"] = machine(since=cpu_start)
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

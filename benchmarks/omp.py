@@ -13,9 +13,7 @@ minimum over --repeats runs (the median is reported too: the machine may be shar
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 import warnings
@@ -124,8 +122,10 @@ def main():
     from sklearn.decomposition import sparse_encode
     from sklearn.linear_model import orthogonal_mp_gram
 
+    from benchmarks.common import cpu_times, machine, write_json
     from srdjax import omp as omp_lib
 
+    cpu_start = cpu_times()
     dictionary, signals = make_data(args, np.random.default_rng(0))
     k = args.sparsity
 
@@ -172,8 +172,7 @@ def main():
         "max_abs_coef_diff_same_support": float(diff[same_support].max()) if same_support.any()
         else None,
         "support_agreement": float(same_support.mean()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
-                   f"sklearn {sklearn.__version__}",
+        "sklearn": sklearn.__version__,
     }
     rows = [("scikit-learn  " + sk_name, result["sklearn_s"], result["sklearn_median_s"]),
             ("srdjax omp", result["srdjax_s"], result["srdjax_median_s"])]
@@ -193,10 +192,8 @@ def main():
         print(f"argmax in the greedy step: row-wise {ab['rowwise_s']:.4f} s, grouped "
               f"{ab['grouped_s']:.4f} s ({ab['speedup']:.2f}x); same supports "
               f"{ab['same_supports']}, max |value diff| {ab['max_abs_value_diff']:.3g}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    result["machine"] = machine(since=cpu_start)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
