@@ -49,6 +49,7 @@ def machine(since=None) -> dict:
     import jax
     out = {"platform": platform.platform(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),
            "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+           "device_kind": jax.devices()[0].device_kind,
            "load_average": list(os.getloadavg())}
     if since is not None:
         out["cpu_steal_share"] = steal_share(since)

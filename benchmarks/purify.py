@@ -20,6 +20,7 @@ autodiff of the fixed-support linear map as it was before (a vmapped least squar
 atoms), both run per device as the attacks run, and prints their largest difference.
 """
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -203,6 +204,9 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stride", type=int, default=1)
+    ap.add_argument("--image-chunks", default=None,
+                    help="comma-separated images per OMP chunk to time each (default: 16 at "
+                         "32 px, configs/imagenet10.py's above; a GPU wants far more)")
     ap.add_argument("--parts", action="store_true",
                     help="also time each step of purify alone, on one device")
     ap.add_argument("--grad", action="store_true",
@@ -217,23 +221,28 @@ def main():
     start = cpu_times()
     mesh = parallel.make_mesh()
     rows = []
-    for size in map(int, args.sizes.split(",")):
+    chunks = [int(c) for c in args.image_chunks.split(",")] if args.image_chunks else [None]
+    for size, chunk in ((s, c) for s in map(int, args.sizes.split(",")) for c in chunks):
         if args.checkpoint and size == 32:
             p = pur.load_purifier(args.checkpoint)
+            if chunk:
+                p = p.replace(options=dataclasses.replace(p.options, image_chunk=chunk))
         elif size == 32:
-            p = random_purifier(size, stride=args.stride)
+            p = random_purifier(size, stride=args.stride, image_chunk=chunk or 16)
         else:
             c = imagenet10.get_config(str(size))
             d = c.dictionaries
             p = random_purifier(size, n_atoms=d.n_atoms, patch=d.patch_size, stride=d.stride,
-                                sparsity=d.sparsity, image_chunk=c.purify.image_chunk)
+                                sparsity=d.sparsity, image_chunk=chunk or c.purify.image_chunk)
         # the same pixels per batch at every size (64 images at 32 px: 16 at 64 px, 4 at 128)
         batch = max(mesh.size, args.batch * 32 * 32 // (size * size))
         row = bench(p, size, batch, args.repeats, mesh)
         row["source"] = args.checkpoint if (args.checkpoint and size == 32) else "random"
+        row["image_chunk"] = p.options.image_chunk
         rows.append(row)
         print(f"{size:>4}x{size:<4} batch {batch:>4}  {row['images_per_s']:9.1f} images/s  "
-              f"(compile {row['compile_s']:.1f} s, {row['patches_per_image']} patches/image)")
+              f"(compile {row['compile_s']:.1f} s, {row['patches_per_image']} patches/image, "
+              f"{p.options.image_chunk} images per chunk)")
         if args.map_ab:
             rng = np.random.default_rng(3)
             x, w = (parallel.shard_batch(mesh, _images(rng, batch, size)) for _ in range(2))

@@ -86,8 +86,10 @@ def main():
         if lam > 0:
             from srdjax import clusters
             k = 20
+            d = jax.eval_shape(lambda: apply_model(graphdef, params, stats,
+                                                   jax.numpy.zeros((1, 32, 32, 3)))[1]).shape[-1]
             cs = parallel.replicate(mesh, clusters.ClusterSet(
-                means=jax.numpy.zeros((k, 128)), stds=jax.numpy.ones((k, 128)),
+                means=jax.numpy.zeros((k, d)), stds=jax.numpy.ones((k, d)),
                 class_ids=jax.numpy.arange(k) % 10, index_in_class=jax.numpy.arange(k) // 10,
                 counts=jax.numpy.ones(k, int)))
             extras = {"cluster": (np.arange(r.batch_size) % k).astype(np.int32)}
