@@ -43,7 +43,7 @@ from srdjax.models import create_model, split_model  # noqa: E402
 
 
 def random_purifier(size, n_clusters=20, n_atoms=256, patch=8, stride=1, sparsity=8,
-                    image_chunk=16):
+                    image_chunk=0):
     graphdef, params, stats = split_model(create_model("small_cnn", 10, 0))
     rng = np.random.default_rng(0)
     d = 128
@@ -205,8 +205,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stride", type=int, default=1)
     ap.add_argument("--image-chunks", default=None,
-                    help="comma-separated images per OMP chunk to time each (default: 16 at "
-                         "32 px, configs/imagenet10.py's above; a GPU wants far more)")
+                    help="comma-separated images per OMP chunk to time each (default: "
+                         "purifier.auto_image_chunk, by platform)")
     ap.add_argument("--parts", action="store_true",
                     help="also time each step of purify alone, on one device")
     ap.add_argument("--grad", action="store_true",
@@ -228,7 +228,7 @@ def main():
             if chunk:
                 p = p.replace(options=dataclasses.replace(p.options, image_chunk=chunk))
         elif size == 32:
-            p = random_purifier(size, stride=args.stride, image_chunk=chunk or 16)
+            p = random_purifier(size, stride=args.stride, image_chunk=chunk or 0)
         else:
             c = imagenet10.get_config(str(size))
             d = c.dictionaries

@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Stage 5: purification.
     c.purify = ml_collections.ConfigDict()
-    c.purify.image_chunk = 16        # images OMP-coded together (bounds memory)
+    c.purify.image_chunk = 0         # images OMP-coded together (memory); 0: by platform
 
     # Stage 6: honest evaluation (evaluate.py): every defense under every attack, per image.
     c.evaluate = ml_collections.ConfigDict()

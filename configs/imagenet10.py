@@ -105,7 +105,6 @@ def get_config(arg: str | None = None):
         c.robust.epochs = 20
         c.robust.batch_size = 128
         c.robust.attack_steps = 10
-        c.purify.image_chunk = 4
     c.model.kwargs.mean = (0.485, 0.456, 0.406)
     c.model.kwargs.std = (0.229, 0.224, 0.225)
     return c

@@ -275,6 +275,7 @@ def _coder(patches, sparsity, chunk_size, mesh):
     """dictionary -> OMP (support, values) of the patches; with a mesh of several devices the
     patches are split over its devices (every process's, each passing the same patches), and
     the codes come back to every process."""
+    chunk_size = omp_lib.default_chunk() if chunk_size is None else chunk_size
     if mesh is None or mesh.size == 1:
         return lambda d: omp_lib.omp_support(d, patches, sparsity, chunk_size=chunk_size)
     m = patches.shape[0]
@@ -292,7 +293,7 @@ def _coder(patches, sparsity, chunk_size, mesh):
 
 
 def learn_dictionary(key, patches, n_atoms: int = 256, sparsity: int = 8, n_iter: int = 10, *,
-                     method: str = "ksvd", chunk_size: int = omp_lib.DEFAULT_CHUNK,
+                     method: str = "ksvd", chunk_size: int | None = None,
                      mesh=None, n_valid: int | None = None):
     """Learn unit-norm atoms [n_atoms, dim] for patches [m, dim] by OMP + K-SVD/MOD alternation.
 
@@ -442,14 +443,15 @@ def _sparse_code_images(dictionary, high, patch_size: int, sparsity: int, stride
     patches = _extract(high, patch_size, stride)
     flat = patches.reshape(-1, patches.shape[-1])
     support, values = omp_lib.omp_support_unchecked(
-        dictionary, flat, dictionary @ dictionary.T, 0.0, sparsity=sparsity, use_tol=False,
+        dictionary, flat, jnp.matmul(dictionary, dictionary.T, precision=omp_lib.HIGHEST), 0.0,
+        sparsity=sparsity, use_tol=False,
         chunk_size=chunk_size)
     coded = omp_lib.reconstruct_signals(dictionary, support, values).reshape(patches.shape)
     return _reconstruct(coded, high.shape[1:], patch_size, stride)
 
 
 def sparse_code_images(dictionary, high_images, patch_size: int = 8, sparsity: int = 8, *,
-                       stride: int = 1, chunk_size: int = omp_lib.DEFAULT_CHUNK):
+                       stride: int = 1, chunk_size: int | None = None):
     """Re-synthesise high-frequency images from their OMP-coded patches with one dictionary:
     extract patches → OMP → codes @ dictionary → average the overlapping patches."""
     chex.assert_rank([dictionary, high_images], [2, 4])
@@ -459,7 +461,8 @@ def sparse_code_images(dictionary, high_images, patch_size: int = 8, sparsity: i
     check_finite(high_images, "high_images")
     dtype = jnp.result_type(dictionary, high_images)
     return _sparse_code_images(jnp.asarray(dictionary, dtype), jnp.asarray(high_images, dtype),
-                               int(patch_size), int(sparsity), int(stride), int(chunk_size))
+                               int(patch_size), int(sparsity), int(stride),
+                               int(chunk_size or omp_lib.default_chunk()))
 
 
 def code_per_image(dictionaries, grams, cluster_idx, patches, sparsity: int, image_chunk: int):
@@ -487,7 +490,8 @@ def values_on_support(dictionaries, grams, cluster_idx, support, patches, image_
         n, p = sup.shape[:2]
         used = sup >= 0
         atom = jnp.maximum(sup, 0)
-        xy = jnp.einsum("npd,nad->npa", signals, dictionaries[idx])         # [n, P, A]
+        xy = jnp.einsum("npd,nad->npa", signals, dictionaries[idx],        # [n, P, A]
+                        precision=omp_lib.HIGHEST)
         rhs = jnp.where(used, jnp.take_along_axis(xy, atom, axis=-1), 0.0)
         base = (idx * n_atoms * n_atoms)[:, None, None, None]
         gram = flat_grams[base + atom[..., :, None] * n_atoms + atom[..., None, :]]
@@ -551,7 +555,7 @@ def reconstruct_high(dictionaries, cluster_idx, high, patch_size: int = 8, spars
                          sparsity)
     check(sparsity <= n_atoms, f"sparsity must be at most n_atoms = {n_atoms}, got {sparsity}")
     check_finite(high, "high")
-    grams = jnp.einsum("kad,kbd->kab", dictionaries, dictionaries)
+    grams = jnp.einsum("kad,kbd->kab", dictionaries, dictionaries, precision=omp_lib.HIGHEST)
     return _reconstruct_high(dictionaries, grams, cluster_idx, high, int(patch_size),
                              int(sparsity), int(stride), max(1, min(int(image_chunk),
                                                                      high.shape[0])))

@@ -24,6 +24,13 @@ between exact duplicate atoms its correlations differ in the last bit depending 
 copy it picks is not reproducible anyway; the reconstruction is the same either way.
 
 Memory per chunk is about chunk_size · sparsity · n_atoms floats (the Gram rows of the support).
+Chunk sizes default by platform: a CPU core's cache wants small chunks, a GPU or TPU as few
+passes of the loop over chunks as memory allows (`default_chunk`).
+
+Every product (correlations, Gram matrices, the factor updates) runs at full float32 precision
+(`Precision.HIGHEST`): on a GPU, JAX's default for float32 products uses TF32 (10-bit mantissa),
+with which OMP picked a different atom than scikit-learn for 0.5% of CIFAR patches on an H200
+(benchmarks/results/h200/omp.json). On a CPU it changes nothing.
 """
 from __future__ import annotations
 
@@ -37,7 +44,15 @@ import numpy as np
 from srdjax import parallel
 from srdjax.checks import check, check_finite, is_concrete
 
-DEFAULT_CHUNK = 1024
+DEFAULT_CHUNK = 1024           # signals per chunk on a CPU
+ACCELERATOR_CHUNK = 32768     # on a GPU or TPU: 0.3 GB of state at 256 atoms, sparsity 8
+PER_DICTIONARY_BLOCK = 128    # omp_support_per_dictionary's block on a CPU (see there)
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def default_chunk() -> int:
+    """Signals coded together by default: DEFAULT_CHUNK on a CPU, ACCELERATOR_CHUNK elsewhere."""
+    return ACCELERATOR_CHUNK if parallel.on_accelerator() else DEFAULT_CHUNK
 
 
 # Width of the column groups `_first_argmax` reduces across first (see there).
@@ -103,7 +118,7 @@ def _batch_omp(gram, xy, xnorm2, tol, *, sparsity: int, use_tol: bool, gram_inde
         pivot = _pick(g, atom)
         if t:
             c = jnp.take_along_axis(g, jnp.maximum(support, 0), axis=1)  # G_S,new
-            w = jnp.einsum("bij,bj->bi", linv, c)
+            w = jnp.einsum("bij,bj->bi", linv, c, precision=HIGHEST)
             pivot = pivot - jnp.sum(w * w, axis=1)
             reselected = jnp.any(support == atom[:, None], axis=1)
             stop = stop | reselected | (pivot <= eps)
@@ -112,12 +127,13 @@ def _batch_omp(gram, xy, xnorm2, tol, *, sparsity: int, use_tol: bool, gram_inde
         # New last row of L⁻¹ for L_new = [[L, 0], [wᵀ, d]]: [-wᵀ L⁻¹, 1] / d.
         new_row = jnp.ones((batch, 1), dtype)
         if t:
-            new_row = jnp.concatenate([-jnp.einsum("bi,bij->bj", w, linv), new_row], axis=1)
+            new_row = jnp.concatenate([-jnp.einsum("bi,bij->bj", w, linv, precision=HIGHEST),
+                                       new_row], axis=1)
         new_row = jnp.where(active[:, None], new_row / d[:, None], 0.0)
         linv = jnp.concatenate([jnp.pad(linv, ((0, 0), (0, 0), (0, 1))), new_row[:, None]], 1)
         xy_s = jnp.concatenate([xy_s, jnp.where(active, _pick(xy, atom), 0.0)[:, None]], axis=1)
         z = jnp.concatenate([z, jnp.sum(new_row * xy_s, axis=1)[:, None]], axis=1)
-        gamma = jnp.einsum("bij,bi->bj", linv, z)                  # (L Lᵀ)⁻¹ D_S x = L⁻ᵀ z
+        gamma = jnp.einsum("bij,bi->bj", linv, z, precision=HIGHEST)  # (L Lᵀ)⁻¹ D_S x = L⁻ᵀ z
         gsel.append(jnp.where(active[:, None], g, 0.0))
         support = jnp.concatenate([support, jnp.where(active, atom, -1)[:, None]], axis=1)
         done = done | stop
@@ -129,7 +145,7 @@ def _batch_omp(gram, xy, xnorm2, tol, *, sparsity: int, use_tol: bool, gram_inde
 
 
 def omp_support_per_dictionary(dictionaries, grams, index, signals, *, sparsity: int,
-                               block: int = 128):
+                               block: int | None = None):
     """Supports and values [N, P, sparsity] of N groups of P signals [N, P, dim], group i coded
     with dictionaries[index[i]] (grams: their Gram matrices); jittable, no checks.
 
@@ -137,9 +153,12 @@ def omp_support_per_dictionary(dictionaries, grams, index, signals, *, sparsity:
     `block` signals drawn across groups, each with its own Gram matrix. Blocks of a few hundred
     keep the per-step working set (block · sparsity · n_atoms floats of selected Gram rows) in a
     CPU core's cache: coding all of an image batch's patches at once streamed it from memory
-    every step, about 3x slower."""
+    every step, about 3x slower. So `block` defaults to PER_DICTIONARY_BLOCK on a CPU; on a GPU
+    or TPU, where each block is a pass of a loop of small kernels, to ACCELERATOR_CHUNK."""
     n, p, dim = signals.shape
-    xy = jnp.einsum("npd,nad->npa", signals, dictionaries[index])        # [N, P, A]
+    if block is None:
+        block = ACCELERATOR_CHUNK if parallel.on_accelerator() else PER_DICTIONARY_BLOCK
+    xy = jnp.einsum("npd,nad->npa", signals, dictionaries[index], precision=HIGHEST)  # [N, P, A]
     gram = grams.astype(signals.dtype)
     tol = jnp.zeros((), signals.dtype)
 
@@ -164,7 +183,7 @@ def omp_support_unchecked(dictionary, signals, gram, tol, *, sparsity: int, use_
     tol = jnp.asarray(tol, dtype)
 
     def code(chunk):
-        xy = chunk @ dictionary.T
+        xy = jnp.matmul(chunk, dictionary.T, precision=HIGHEST)
         return _batch_omp(gram, xy, jnp.sum(chunk * chunk, axis=1), tol,
                           sparsity=sparsity, use_tol=use_tol)
 
@@ -202,19 +221,21 @@ def check_inputs(dictionary, signals, sparsity, gram=None, tol=None):
 
 
 def omp_support(dictionary, signals, sparsity: int, *, gram=None, tol=None,
-                chunk_size: int = DEFAULT_CHUNK):
+                chunk_size: int | None = None):
     """Sparse codes in compact form: (support [n, sparsity] int32, -1 where unused; values).
 
     With `tol`, a signal stops as soon as its residual's squared norm is <= tol, and at `sparsity`
     atoms at the latest (sklearn's tol mode has no cap: pass sparsity = min(dim, n_atoms) to match
     it). Signals are coded `chunk_size` at a time, so working memory is bounded by the chunk, not
     by n; the compact output is n · sparsity values (dense `omp` codes are n · n_atoms).
+    chunk_size defaults to `default_chunk()` (by platform).
     """
     dtype = check_inputs(dictionary, signals, sparsity, gram, tol)
     dictionary = jnp.asarray(dictionary, dtype)
     signals = jnp.asarray(signals, dtype)
     if gram is None:
-        gram = dictionary @ dictionary.T
+        gram = jnp.matmul(dictionary, dictionary.T, precision=HIGHEST)
+    chunk_size = default_chunk() if chunk_size is None else chunk_size
     check(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
     return omp_support_unchecked(dictionary, signals, gram, 0.0 if tol is None else tol,
                                  sparsity=int(sparsity), use_tol=tol is not None,
@@ -233,7 +254,7 @@ def codes_from_support(support, values, n_atoms: int):
 
 
 def omp(dictionary, signals, sparsity: int, *, gram=None, tol=None,
-        chunk_size: int = DEFAULT_CHUNK):
+        chunk_size: int | None = None):
     """Codes [n, n_atoms] with codes @ dictionary ≈ signals, as sklearn's sparse_encode(omp)."""
     support, values = omp_support(dictionary, signals, sparsity, gram=gram, tol=tol,
                                   chunk_size=chunk_size)
@@ -267,11 +288,11 @@ def least_squares_on_support(dictionary, signals, support):
     used = support >= 0
     atoms = jnp.take(dictionary, jnp.maximum(support, 0), axis=0)
     atoms = jnp.where(used[:, :, None], atoms, 0.0)                     # [n, k, dim]
-    gram = jnp.einsum("nid,njd->nij", atoms, atoms)
+    gram = jnp.einsum("nid,njd->nij", atoms, atoms, precision=HIGHEST)
     # Unused slots get an identity row/column so the system stays nonsingular and their value is 0.
     k = support.shape[1]
     gram = gram + jnp.eye(k, dtype=gram.dtype) * (~used)[:, None, :]
-    rhs = jnp.einsum("nkd,nd->nk", atoms, signals)
+    rhs = jnp.einsum("nkd,nd->nk", atoms, signals, precision=HIGHEST)
     return spd_solve(gram, rhs)
 
 

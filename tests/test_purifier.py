@@ -48,6 +48,28 @@ def test_purify_is_deterministic_and_keeps_shape_dtype_range():
     assert not np.allclose(a, x, atol=1e-3)  # random atoms cannot rebuild the high part
 
 
+def test_image_chunk_zero_is_chosen_by_platform_and_purifies_the_same(monkeypatch):
+    """image_chunk = 0 becomes 16 images on a CPU and ACCELERATOR_PATCHES' worth on a GPU/TPU
+    (here patched: 8x8 images, 4x4 patches at stride 2 are 9 patches each); the chunking only
+    bounds memory, so the purified images equal those of image_chunk = 3."""
+    import dataclasses
+    p, x = _tiny_purifier(), _images(n=20)
+    auto = dataclasses.replace(p.options, image_chunk=0)
+
+    def rebuilt():
+        return pur.make_purifier(p.graphdef, p.params, p.batch_stats, p.clusters,
+                                 p.dictionaries, auto)
+    assert rebuilt().options.image_chunk == 16
+    np.testing.assert_allclose(rebuilt()(x), p(x), atol=1e-6)
+    monkeypatch.setattr(parallel, "on_accelerator", lambda: True)
+    on_gpu = rebuilt()
+    assert on_gpu.options.image_chunk == pur.ACCELERATOR_PATCHES // 9
+    np.testing.assert_allclose(on_gpu(x), p(x), atol=1e-6)
+    with pytest.raises(SrdjaxError, match="image_chunk must be a non-negative integer"):
+        pur.make_purifier(p.graphdef, p.params, p.batch_stats, p.clusters, p.dictionaries,
+                          dataclasses.replace(p.options, image_chunk=-1))
+
+
 def test_a_complete_dictionary_rebuilds_the_image_exactly():
     """With the identity basis and sparsity = dim every patch is coded exactly, so purify is the
     identity: the low part passes through and the high part is rebuilt from the patches.
