@@ -9,8 +9,11 @@
 # scikit-learn (on the machine's CPUs); the numeric tests of clustering, OMP, dictionaries,
 # purification and attacks on the GPU; ResNet-18 training-step times of configs/cifar10.py;
 # purify at 64 and 128 px. Every step's full output goes to $OUT/log.txt and its tail to
-# stdout. Prepared on the CPU machine: ml_collections travels as a wheel in .whl/ and the
-# CIFAR-10 test split in .devdata/cifar10/ (both git-ignored, named in the call's carry).
+# stdout. Prepared on the CPU machine, where the GPU machine has no ml_collections and no data
+# (both folders git-ignored through .git/info/exclude, and named in the call's carry):
+#
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0
+#   mkdir -p .devdata/cifar10 && cp ../shared/data/cifar10/test.npz .devdata/cifar10/
 set -u
 OUT=${OUT:-/tmp/srdjax-gpu}
 DEADLINE=${DEADLINE:-570}
