@@ -44,16 +44,22 @@ def cpu_model() -> str:
         return platform.processor()
 
 
-def machine(since=None) -> dict:
-    """Where a benchmark ran; with a `cpu_times()` snapshot, also the CPU time stolen since."""
-    import jax
+def host(since=None) -> dict:
+    """The host a benchmark ran on, without importing jax (a driver that starts jax processes
+    must not claim a GPU itself); with a `cpu_times()` snapshot, also the CPU time stolen since."""
+    import importlib.metadata
     out = {"platform": platform.platform(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),
-           "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
-           "device_kind": jax.devices()[0].device_kind,
-           "load_average": list(os.getloadavg())}
+           "jax": importlib.metadata.version("jax"), "load_average": list(os.getloadavg())}
     if since is not None:
         out["cpu_steal_share"] = steal_share(since)
     return out
+
+
+def machine(since=None) -> dict:
+    """`host`, and the devices jax sees."""
+    import jax
+    return {**host(since), "devices": [str(d) for d in jax.devices()],
+            "device_kind": jax.devices()[0].device_kind}
 
 
 def write_json(path, payload) -> None:

@@ -21,7 +21,6 @@ atoms), both run per device as the attacks run, and prints their largest differe
 """
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -201,7 +200,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default=None, help="a train.py workdir (else random)")
     ap.add_argument("--sizes", default="32,128")
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="images per batch at 32 px (default 256 on a CPU, 8192 on a GPU/TPU)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stride", type=int, default=1)
     ap.add_argument("--image-chunks", default=None,
@@ -220,6 +220,8 @@ def main():
     args = ap.parse_args()
     start = cpu_times()
     mesh = parallel.make_mesh()
+    if args.batch is None:
+        args.batch = 8192 if parallel.on_accelerator() else 256
     rows = []
     chunks = [int(c) for c in args.image_chunks.split(",")] if args.image_chunks else [None]
     for size, chunk in ((s, c) for s in map(int, args.sizes.split(",")) for c in chunks):

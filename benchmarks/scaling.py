@@ -20,10 +20,8 @@ Writes benchmarks/results/scaling.json.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -35,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # The driver never imports jax: on a GPU host it would claim the memory its children need.
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import cpu_times, host, write_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -239,6 +237,7 @@ def main(argv=None) -> None:
     if args.child is not None:
         run_child(args)
         return
+    start = cpu_times()
     plat = _platform(args.platform)
     configs = [(1, int(d), False) for d in args.devices.split(",")]
     if args.processes > 1:
@@ -265,9 +264,7 @@ def main(argv=None) -> None:
         print(f"{name:>20} {r['train_images_per_s']:12.1f} {r['train_speedup']:6.2f} "
               f"{r['train_compile_s']:10.1f} {r['purify_images_per_s']:13.2f} "
               f"{r['purify_speedup']:6.2f} {r['purify_compile_s']:10.1f}")
-    report = {"platform": plat, "machine": platform.machine(), "cpu_count": os.cpu_count(),
-              "jax": importlib.metadata.version("jax"),
-              "load_average": os.getloadavg(), "settings": {
+    report = {"platform": plat, "machine": host(since=start), "settings": {
                   k: v for k, v in vars(args).items() if k not in ("child", "coordinator",
                                                                    "process_id")},
               "rows": rows}
