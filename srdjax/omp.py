@@ -19,9 +19,10 @@ sklearn's early stops are reproduced, per signal:
 sklearn warns "ended prematurely due to linear dependence" in the first three cases; we stop
 silently (a warning per signal inside `jit` is not possible) and leave the unused slots empty.
 The eps thresholds are absolute, as in sklearn (float32: correlations below ~3.5e-4 stop a
-signal), so signals should not be scaled far below unit size. Ties go to the lowest atom index. sklearn breaks them in its internally swapped atom order, but
-between exact duplicate atoms its correlations differ in the last bit depending on BLAS, so which
-copy it picks is not reproducible anyway; the reconstruction is the same either way.
+signal), so signals should not be scaled far below unit size. Ties go to the lowest atom index.
+sklearn breaks them in its internally swapped atom order, but between exact duplicate atoms its
+correlations differ in the last bit depending on BLAS, so which copy it picks is not
+reproducible anyway; the reconstruction is the same either way.
 
 Memory per chunk is about chunk_size · sparsity · n_atoms floats (the Gram rows of the support).
 Chunk sizes default by platform: a CPU core's cache wants small chunks, a GPU or TPU as few
