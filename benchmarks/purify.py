@@ -196,6 +196,18 @@ def bench(purifier, size, batch, repeats, mesh):
             "stride": purifier.options.stride}
 
 
+def _chunk_list(text):
+    """--image-chunks: comma-separated non-negative integers (0: by platform)."""
+    try:
+        chunks = [int(c) for c in text.split(",")]
+    except ValueError:
+        chunks = []
+    if not chunks or min(chunks) < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected non-negative integers like 16,256, got {text!r}")
+    return chunks
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default=None, help="a train.py workdir (else random)")
@@ -204,7 +216,7 @@ def main():
                     help="images per batch at 32 px (default 256 on a CPU, 8192 on a GPU/TPU)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stride", type=int, default=1)
-    ap.add_argument("--image-chunks", default=None,
+    ap.add_argument("--image-chunks", type=_chunk_list, default=[0],
                     help="comma-separated images per OMP chunk to time each (default: "
                          "purifier.auto_image_chunk, by platform)")
     ap.add_argument("--parts", action="store_true",
@@ -223,14 +235,14 @@ def main():
     if args.batch is None:
         args.batch = 8192 if parallel.on_accelerator() else 256
     rows = []
-    chunks = [int(c) for c in args.image_chunks.split(",")] if args.image_chunks else [None]
-    for size, chunk in ((s, c) for s in map(int, args.sizes.split(",")) for c in chunks):
+    sizes = map(int, args.sizes.split(","))
+    for size, chunk in ((s, c) for s in sizes for c in args.image_chunks):
         if args.checkpoint and size == 32:
             p = pur.load_purifier(args.checkpoint)
             if chunk:
                 p = p.replace(options=dataclasses.replace(p.options, image_chunk=chunk))
         elif size == 32:
-            p = random_purifier(size, stride=args.stride, image_chunk=chunk or 0)
+            p = random_purifier(size, stride=args.stride, image_chunk=chunk)
         else:
             c = imagenet10.get_config(str(size))
             d = c.dictionaries

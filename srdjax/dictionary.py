@@ -443,8 +443,7 @@ def _sparse_code_images(dictionary, high, patch_size: int, sparsity: int, stride
     patches = _extract(high, patch_size, stride)
     flat = patches.reshape(-1, patches.shape[-1])
     support, values = omp_lib.omp_support_unchecked(
-        dictionary, flat, jnp.matmul(dictionary, dictionary.T, precision=omp_lib.HIGHEST), 0.0,
-        sparsity=sparsity, use_tol=False,
+        dictionary, flat, omp_lib.gram_of(dictionary), 0.0, sparsity=sparsity, use_tol=False,
         chunk_size=chunk_size)
     coded = omp_lib.reconstruct_signals(dictionary, support, values).reshape(patches.shape)
     return _reconstruct(coded, high.shape[1:], patch_size, stride)
@@ -462,7 +461,7 @@ def sparse_code_images(dictionary, high_images, patch_size: int = 8, sparsity: i
     dtype = jnp.result_type(dictionary, high_images)
     return _sparse_code_images(jnp.asarray(dictionary, dtype), jnp.asarray(high_images, dtype),
                                int(patch_size), int(sparsity), int(stride),
-                               int(chunk_size or omp_lib.default_chunk()))
+                               int(omp_lib.default_chunk() if chunk_size is None else chunk_size))
 
 
 def code_per_image(dictionaries, grams, cluster_idx, patches, sparsity: int, image_chunk: int):
@@ -555,7 +554,7 @@ def reconstruct_high(dictionaries, cluster_idx, high, patch_size: int = 8, spars
                          sparsity)
     check(sparsity <= n_atoms, f"sparsity must be at most n_atoms = {n_atoms}, got {sparsity}")
     check_finite(high, "high")
-    grams = jnp.einsum("kad,kbd->kab", dictionaries, dictionaries, precision=omp_lib.HIGHEST)
+    grams = omp_lib.gram_of(dictionaries)
     return _reconstruct_high(dictionaries, grams, cluster_idx, high, int(patch_size),
                              int(sparsity), int(stride), max(1, min(int(image_chunk),
                                                                      high.shape[0])))

@@ -51,9 +51,14 @@ PER_DICTIONARY_BLOCK = 128    # omp_support_per_dictionary's block on a CPU (see
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def default_chunk() -> int:
-    """Signals coded together by default: DEFAULT_CHUNK on a CPU, ACCELERATOR_CHUNK elsewhere."""
-    return ACCELERATOR_CHUNK if parallel.on_accelerator() else DEFAULT_CHUNK
+def default_chunk(cpu: int = DEFAULT_CHUNK) -> int:
+    """Signals coded together by default: `cpu` on a CPU, ACCELERATOR_CHUNK on a GPU or TPU."""
+    return ACCELERATOR_CHUNK if parallel.on_accelerator() else cpu
+
+
+def gram_of(dictionaries):
+    """Gram matrices D Dᵀ of one dictionary [A, dim] or a stack [K, A, dim], at full precision."""
+    return jnp.einsum("...ad,...bd->...ab", dictionaries, dictionaries, precision=HIGHEST)
 
 
 # Width of the column groups `_first_argmax` reduces across first (see there).
@@ -157,8 +162,7 @@ def omp_support_per_dictionary(dictionaries, grams, index, signals, *, sparsity:
     every step, about 3x slower. So `block` defaults to PER_DICTIONARY_BLOCK on a CPU; on a GPU
     or TPU, where each block is a pass of a loop of small kernels, to ACCELERATOR_CHUNK."""
     n, p, dim = signals.shape
-    if block is None:
-        block = ACCELERATOR_CHUNK if parallel.on_accelerator() else PER_DICTIONARY_BLOCK
+    block = default_chunk(PER_DICTIONARY_BLOCK) if block is None else block
     xy = jnp.einsum("npd,nad->npa", signals, dictionaries[index], precision=HIGHEST)  # [N, P, A]
     gram = grams.astype(signals.dtype)
     tol = jnp.zeros((), signals.dtype)
@@ -235,7 +239,7 @@ def omp_support(dictionary, signals, sparsity: int, *, gram=None, tol=None,
     dictionary = jnp.asarray(dictionary, dtype)
     signals = jnp.asarray(signals, dtype)
     if gram is None:
-        gram = jnp.matmul(dictionary, dictionary.T, precision=HIGHEST)
+        gram = gram_of(dictionary)
     chunk_size = default_chunk() if chunk_size is None else chunk_size
     check(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
     return omp_support_unchecked(dictionary, signals, gram, 0.0 if tol is None else tol,

@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from srdjax import clusters as clusters_lib
 from srdjax import dictionary as dict_lib
 from srdjax import frequency
+from srdjax import omp as omp_lib
 from srdjax import parallel
 from srdjax.checks import check, check_images
 from srdjax.models import apply_model
@@ -85,18 +86,20 @@ def auto_image_chunk(options: PurifyOptions) -> int:
     return max(16, ACCELERATOR_PATCHES // (rows * cols))
 
 
+def check_image_chunk(value, name: str = "image_chunk") -> None:
+    check(isinstance(value, (int, np.integer)) and value >= 0,
+          f"{name} must be a non-negative integer (0: by platform), got {value!r}")
+
+
 def make_purifier(graphdef, params, batch_stats, cluster_set, dictionaries,
                   options: PurifyOptions) -> Purifier:
-    check(isinstance(options.image_chunk, (int, np.integer)) and options.image_chunk >= 0,
-          f"image_chunk must be a non-negative integer (0: by platform), "
-          f"got {options.image_chunk!r}")
+    check_image_chunk(options.image_chunk)
     if options.image_chunk == 0:
         options = dataclasses.replace(options, image_chunk=auto_image_chunk(options))
     check(dictionaries.shape[0] == cluster_set.means.shape[0],
           f"{dictionaries.shape[0]} dictionaries for {cluster_set.means.shape[0]} clusters")
-    grams = jnp.einsum("kad,kbd->kab", dictionaries, dictionaries,
-                       precision=jax.lax.Precision.HIGHEST)
-    return Purifier(graphdef, options, params, batch_stats, cluster_set, dictionaries, grams)
+    return Purifier(graphdef, options, params, batch_stats, cluster_set, dictionaries,
+                    omp_lib.gram_of(dictionaries))
 
 
 def _split(p: Purifier, x):

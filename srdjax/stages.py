@@ -313,6 +313,9 @@ def validate_config(config) -> None:
         h, w = config.data.image_size
         dictionary._grid(int(h), int(w), config.dictionaries.patch_size,
                          config.dictionaries.stride)
+    if "purify" in config.stages:
+        from srdjax import purifier as pur
+        pur.check_image_chunk(config.purify.image_chunk, "purify.image_chunk")
     for name in config.stages:
         section = config.get(name)
         if section is not None and "batch_size" in section:

@@ -73,6 +73,9 @@ def test_bad_config_values_are_named():
         stages.run(smoke_config("/tmp/unused", stages=("bogus",)))
     with pytest.raises(SrdjaxError, match="baseline.batch_size must be positive, got 0"):
         stages.run(smoke_config("/tmp/unused", **{"baseline.batch_size": 0}))
+    with pytest.raises(SrdjaxError, match=r"purify.image_chunk must be a non-negative integer "
+                                          r"\(0: by platform\), got -1"):
+        stages.run(smoke_config("/tmp/unused", **{"purify.image_chunk": -1}))
 
 
 def test_missing_stage_is_reported(tmp_path):
