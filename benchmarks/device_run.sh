@@ -5,12 +5,13 @@
 #
 # Steps, most wanted first, each under its own time limit and all under DEADLINE seconds
 # (default 570), so one that fails or hangs costs only its own share: the machine's
-# versions; purify throughput at 32 px over several OMP chunk sizes; k-means and OMP against
-# scikit-learn (on the machine's CPUs); the numeric tests of clustering, OMP, dictionaries,
-# purification and attacks on the GPU; ResNet-18 training-step times of configs/cifar10.py;
-# purify at 64 and 128 px. Every step's full output goes to $OUT/log.txt and its tail to
-# stdout. Prepared on the CPU machine, where the GPU machine has no ml_collections and no data
-# (both folders git-ignored through .git/info/exclude, and named in the call's carry):
+# versions; purify throughput at 32 px over several OMP chunk sizes, with each step's time;
+# OMP against scikit-learn (on the machine's CPUs); the numeric tests of clustering, OMP,
+# dictionaries, purification and attacks on the GPU; purify at 64 and 128 px; k-means against
+# scikit-learn; ResNet-18 training-step times of configs/cifar10.py. Every step's full output
+# goes to $OUT/log.txt and its tail to stdout. Prepared on the CPU machine, where the GPU
+# machine has no ml_collections and no data (both folders git-ignored through
+# .git/info/exclude, and named in the call's carry):
 #
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0
 #   mkdir -p .devdata/cifar10 && cp ../shared/data/cifar10/test.npz .devdata/cifar10/
@@ -48,17 +49,17 @@ import jax, flax, optax, orbax.checkpoint as o, chex, sklearn, numpy
 print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__,
       \"chex\", chex.__version__, \"sklearn\", sklearn.__version__, \"numpy\", numpy.__version__)
 print(jax.devices(), jax.devices()[0].device_kind)"'
-step purify32 140 python3 benchmarks/purify.py --sizes 32 --batch 8192 --repeats 5 \
-    --image-chunks 16,256,2048 --out "$OUT/purify32.json"
-step kmeans 100 python3 benchmarks/kmeans.py --devices 1 --adaptive --out "$OUT/kmeans.json"
-step omp 50 python3 benchmarks/omp.py --n 100000 --sklearn-repeats 1 --out "$OUT/omp.json"
+step purify32 170 python3 benchmarks/purify.py --sizes 32 --batch 8192 --repeats 5 \
+    --image-chunks 0,2048,8192 --parts --out "$OUT/purify32.json"
+step omp 100 python3 benchmarks/omp.py --n 100000 --sklearn-repeats 1 --out "$OUT/omp.json"
 # (not the tests that need the smoke run's training split, or purify.py's subprocesses)
 step tests 130 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -v -n 6 -rfE \
     -p no:cacheprovider -k "not smoke_run and not checkpoint_missing and not purify_py" \
     tests/test_kmeans.py tests/test_omp.py tests/test_clusters.py tests/test_dictionary.py \
     tests/test_purifier.py tests/test_attacks.py
+step purify_hi 90 python3 benchmarks/purify.py --sizes 64,128 --batch 8192 --repeats 3 \
+    --out "$OUT/purify_hi.json"
+step kmeans 100 python3 benchmarks/kmeans.py --devices 1 --adaptive --out "$OUT/kmeans.json"
 step train_speed 90 python3 benchmarks/train_speed.py --config configs/cifar10.py --steps 20 \
     --robust-steps 3 --out "$OUT/train_speed.json"
-step purify_hi 60 python3 benchmarks/purify.py --sizes 64,128 --batch 8192 --repeats 3 \
-    --image-chunks 64,512 --out "$OUT/purify_hi.json"
 echo "== done in $(($(date +%s) - START)) s"
