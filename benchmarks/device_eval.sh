@@ -31,7 +31,7 @@ pack() {
     [ -f "$WORKDIR/purify/DONE.json" ] || { echo "error: $WORKDIR has not run every stage:" \
         "run python train.py --config $CONFIG first"; exit 1; }
     mkdir -p .devrun
-    cp ../shared/data/cifar10/test.npz .devrun/test.npz || exit 1
+    install -m 644 ../shared/data/cifar10/test.npz .devrun/test.npz || exit 1
     tar -czf "$PACK.tmp" --exclude="$WORKDIR/*/ckpt" "$WORKDIR" && mv "$PACK.tmp" "$PACK" \
         || { rm -f "$PACK.tmp"; exit 1; }
     du -sh .devrun
