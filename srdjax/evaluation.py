@@ -490,7 +490,8 @@ def summarize(s: Settings, clean, main, curve, *, clean_sub, unbounded, unbounde
     names = list(clean)
     robust = {n: {a: (acc(clean[n] & main["correct"][n][a]) if a in main["correct"][n] else None)
                   for a in s.attacks} for n in names}
-    worst = {n: acc(worst_case(clean[n], main["correct"][n])) for n in names}
+    per_image = {n: worst_case(clean[n], main["correct"][n]) for n in names}
+    worst = {n: acc(per_image[n]) for n in names}
     eps_values = sorted(curve)
     curve_acc = {n: [acc(clean_sub[n] & curve[e][n]) for e in eps_values] for n in names}
     mismatches = {n: int(np.sum(curve[0.0][n] != clean_sub[n])) for n in names}
@@ -514,6 +515,7 @@ def summarize(s: Settings, clean, main, curve, *, clean_sub, unbounded, unbounde
     sanity["passed"] = all(sanity[k]["passed"] for k in
                            ("eps0_equals_clean", "monotone_in_eps", "unbounded"))
     seconds = {n: {a: main["seconds"][n].get(a) for a in s.attacks} for n in names}
+    verdict, versus = _verdict(names, worst, per_image)
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": _machine(), "run_time_s": round(run_time, 1), "workdir": workdir,
@@ -534,22 +536,50 @@ def summarize(s: Settings, clean, main, curve, *, clean_sub, unbounded, unbounde
         "eot": ("Every defense evaluated here is deterministic (purification, JPEG, bit depth and "
                 "blur draw no random numbers), so EOT reduces to the plain attack; "
                 f"eot_samples = {s.eot_samples} applies only to defenses flagged random."),
-        "verdict": _verdict(names, worst)}
+        "verdict": verdict, "versus_pgd_at": versus}
 
 
-def _verdict(names, worst) -> str | None:
+def paired_difference(ours: np.ndarray, theirs: np.ndarray) -> dict:
+    """Accuracy difference of two defenses scored on the same images (per-image booleans), with
+    a normal-approximation 95% interval for it: the mean and standard error of the per-image
+    differences (+1, 0, -1), which pairs the images instead of treating the two as independent
+    samples. Also how many images only one of them keeps."""
+    ours, theirs = np.asarray(ours, bool), np.asarray(theirs, bool)
+    diff = ours.astype(np.float64) - theirs.astype(np.float64)
+    n = diff.size
+    mean = float(np.mean(diff))
+    half = 1.96 * float(np.sqrt(np.mean(diff ** 2) - mean ** 2) / np.sqrt(n))
+    return {"difference": mean, "low": mean - half, "high": mean + half, "n": int(n),
+            "only_ours": int(np.sum(ours & ~theirs)), "only_theirs": int(np.sum(~ours & theirs))}
+
+
+def _verdict(names, worst, per_image) -> tuple[str | None, dict | None]:
+    """The sentence the reports lead with, and the paired comparison behind it: srdjax's best
+    defense against PGD-AT under the worst case. "Beats" only when the 95% interval of the
+    paired difference lies above zero."""
     srd = [n for n in names if n.startswith("srd_")]
     if not srd:
-        return None
+        return None, None
     best = max(srd, key=lambda n: worst[n])
     if "pgd_at" not in names:
-        return "PGD-AT was not among this run's defenses, so srdjax is not compared with it."
+        return "PGD-AT was not among this run's defenses, so srdjax is not compared with it.", None
+    c = paired_difference(per_image[best], per_image["pgd_at"])
     ours, theirs = 100 * worst[best], 100 * worst["pgd_at"]
-    if worst[best] > worst["pgd_at"]:
-        return (f"srdjax ({best}) beats PGD-AT under the worst case over these attacks: "
-                f"{ours:.1f}% vs {theirs:.1f}%.")
-    return (f"srdjax does not beat PGD-AT under the worst case: its best defense ({best}) keeps "
-            f"{ours:.1f}% of the images against every attack, PGD-AT {theirs:.1f}%.")
+    detail = (f"difference {100 * c['difference']:+.1f} points, 95% interval "
+              f"{100 * c['low']:+.1f} to {100 * c['high']:+.1f} on the same {c['n']} images; "
+              f"{c['only_ours']} kept only by {best}, {c['only_theirs']} only by PGD-AT")
+    if c["low"] > 0:
+        text = (f"srdjax ({best}) beats PGD-AT under the worst case over these attacks: "
+                f"{ours:.1f}% vs {theirs:.1f}% ({detail}).")
+    elif c["difference"] > 0:
+        text = (f"srdjax does not beat PGD-AT beyond chance under the worst case: its best "
+                f"defense ({best}) keeps {ours:.1f}% of the images against every attack, PGD-AT "
+                f"{theirs:.1f}% ({detail}).")
+    else:
+        text = (f"srdjax does not beat PGD-AT under the worst case: its best defense ({best}) "
+                f"keeps {ours:.1f}% of the images against every attack, PGD-AT {theirs:.1f}% "
+                f"({detail}).")
+    return text, {"defense": best, **c}
 
 
 # ------------------------------------------------------------------------------ reports

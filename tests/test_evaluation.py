@@ -157,6 +157,35 @@ def test_worst_case_is_the_per_image_minimum_over_attacks():
     assert evaluation.worst_case(clean, adv).mean() <= min(v.mean() for v in adv.values())
 
 
+def _kept(n, idx):
+    v = np.zeros(n, bool)
+    v[list(idx)] = True
+    return v
+
+
+@pytest.mark.parametrize("ours, theirs, expected", [
+    (range(0, 44), range(30, 68), "does not beat PGD-AT beyond chance"),  # 22.0 vs 19.0 of 200
+    (range(0, 44), range(6, 44), "beats PGD-AT"),  # the same, but every disagreement for ours
+    (range(0, 120), range(80, 120), "beats PGD-AT"),
+    (range(0, 30), range(0, 50), "does not beat PGD-AT under the worst case: its best"),
+])
+def test_verdict_beats_pgd_at_only_when_the_paired_interval_is_above_zero(ours, theirs, expected):
+    import scipy.stats
+    n = 200
+    per_image = {"pgd_at": _kept(n, theirs), "srd_robust": _kept(n, ours),
+                 "srd_baseline": _kept(n, range(0, 10))}
+    worst = {k: v.mean() for k, v in per_image.items()}
+    text, c = evaluation._verdict(list(per_image), worst, per_image)
+    assert expected in text and c["defense"] == "srd_robust" and c["n"] == n
+    # reference: the mean of the per-image differences and scipy's standard error of it
+    diff = per_image["srd_robust"].astype(float) - per_image["pgd_at"]
+    half = scipy.stats.norm.ppf(0.975) * scipy.stats.sem(diff, ddof=0)
+    np.testing.assert_allclose([c["difference"], c["low"], c["high"]],
+                               [diff.mean(), diff.mean() - half, diff.mean() + half], atol=1e-4)
+    assert (c["only_ours"], c["only_theirs"]) == (np.sum(diff > 0), np.sum(diff < 0))
+    assert f"{100 * worst['srd_robust']:.1f}% " in text + " "
+
+
 def test_eps_zero_attacks_give_the_clean_prediction_for_every_image():
     """Every attack at ε = 0 returns x itself, through the sharded matrix (2 devices, a padded
     last batch of 3 real rows in 4), against a BPDA defense and (transfer) the bare model."""
