@@ -275,7 +275,7 @@ def _coder(patches, sparsity, chunk_size, mesh):
     """dictionary -> OMP (support, values) of the patches; with a mesh of several devices the
     patches are split over its devices (every process's, each passing the same patches), and
     the codes come back to every process."""
-    chunk_size = omp_lib.default_chunk() if chunk_size is None else chunk_size
+    chunk_size = omp_lib.default_chunk(chunk_size)
     if mesh is None or mesh.size == 1:
         return lambda d: omp_lib.omp_support(d, patches, sparsity, chunk_size=chunk_size)
     m = patches.shape[0]
@@ -461,7 +461,7 @@ def sparse_code_images(dictionary, high_images, patch_size: int = 8, sparsity: i
     dtype = jnp.result_type(dictionary, high_images)
     return _sparse_code_images(jnp.asarray(dictionary, dtype), jnp.asarray(high_images, dtype),
                                int(patch_size), int(sparsity), int(stride),
-                               int(omp_lib.default_chunk() if chunk_size is None else chunk_size))
+                               int(omp_lib.default_chunk(chunk_size)))
 
 
 def code_per_image(dictionaries, grams, cluster_idx, patches, sparsity: int, image_chunk: int):

@@ -51,8 +51,11 @@ PER_DICTIONARY_BLOCK = 128    # omp_support_per_dictionary's block on a CPU (see
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def default_chunk(cpu: int = DEFAULT_CHUNK) -> int:
-    """Signals coded together by default: `cpu` on a CPU, ACCELERATOR_CHUNK on a GPU or TPU."""
+def default_chunk(chunk: int | None = None, *, cpu: int = DEFAULT_CHUNK) -> int:
+    """`chunk` if given, else the signals coded together by default: `cpu` on a CPU,
+    ACCELERATOR_CHUNK on a GPU or TPU."""
+    if chunk is not None:
+        return chunk
     return ACCELERATOR_CHUNK if parallel.on_accelerator() else cpu
 
 
@@ -162,7 +165,7 @@ def omp_support_per_dictionary(dictionaries, grams, index, signals, *, sparsity:
     every step, about 3x slower. So `block` defaults to PER_DICTIONARY_BLOCK on a CPU; on a GPU
     or TPU, where each block is a pass of a loop of small kernels, to ACCELERATOR_CHUNK."""
     n, p, dim = signals.shape
-    block = default_chunk(PER_DICTIONARY_BLOCK) if block is None else block
+    block = default_chunk(block, cpu=PER_DICTIONARY_BLOCK)
     xy = jnp.einsum("npd,nad->npa", signals, dictionaries[index], precision=HIGHEST)  # [N, P, A]
     gram = grams.astype(signals.dtype)
     tol = jnp.zeros((), signals.dtype)
@@ -240,7 +243,7 @@ def omp_support(dictionary, signals, sparsity: int, *, gram=None, tol=None,
     signals = jnp.asarray(signals, dtype)
     if gram is None:
         gram = gram_of(dictionary)
-    chunk_size = default_chunk() if chunk_size is None else chunk_size
+    chunk_size = default_chunk(chunk_size)
     check(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
     return omp_support_unchecked(dictionary, signals, gram, 0.0 if tol is None else tol,
                                  sparsity=int(sparsity), use_tol=tol is not None,
