@@ -186,6 +186,15 @@ def test_verdict_beats_pgd_at_only_when_the_paired_interval_is_above_zero(ours, 
     assert f"{100 * worst['srd_robust']:.1f}% " in text + " "
 
 
+@pytest.mark.parametrize("ours, theirs", [(np.ones(5, bool), np.ones(4, bool)),
+                                          (np.ones(5, bool), np.ones(5)),
+                                          (np.ones((2, 3), bool), np.ones((2, 3), bool)),
+                                          (np.ones(0, bool), np.ones(0, bool))])
+def test_paired_difference_refuses_unpaired_input(ours, theirs):
+    with pytest.raises(SrdjaxError, match="two non-empty 1-d boolean arrays of the same length"):
+        evaluation.paired_difference(ours, theirs)
+
+
 def test_eps_zero_attacks_give_the_clean_prediction_for_every_image():
     """Every attack at ε = 0 returns x itself, through the sharded matrix (2 devices, a padded
     last batch of 3 real rows in 4), against a BPDA defense and (transfer) the bare model."""
