@@ -41,6 +41,8 @@ case "${1:-}" in
     --unpack)
         [ -f "${2:-}/evaluation.tgz" ] || { echo "error: no evaluation.tgz in '${2:-}'"; exit 1; }
         tar -xzf "$2/evaluation.tgz" && pack; exit ;;
+    "") ;;
+    *) echo "error: unknown argument '$1' (expected --pack, --unpack DIR or none)"; exit 2 ;;
 esac
 
 OUT=${OUT:-/tmp/srdjax-eval}
@@ -48,10 +50,7 @@ DEADLINE=${DEADLINE:-540}
 START=$(date +%s)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 SRDJAX_DATA_DIR=$PWD/.devrun
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
+. benchmarks/device_wheels.sh
 # A warm machine keeps the workdir of the call before, with its newer cells: unpack only once.
 [ -d "$WORKDIR/robust" ] || tar -xzf "$PACK" || exit 1
 nvidia-smi -L

@@ -21,10 +21,7 @@ DEADLINE=${DEADLINE:-570}
 mkdir -p "$OUT"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 SRDJAX_COMPILATION_CACHE=off
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
+. benchmarks/device_wheels.sh
 [ -f .devdata/cifar10/test.npz ] && export SRDJAX_DATA_DIR=$PWD/.devdata/cifar10
 
 step() {  # step NAME LIMIT_S COMMAND...
