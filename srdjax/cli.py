@@ -50,13 +50,12 @@ EVALUATE_SWITCHES = {"saved": "print the attack cells the evaluation has saved s
 
 
 def evaluate_main(config, saved: bool = False) -> int:
-    from srdjax import evaluation, parallel
+    from srdjax import evaluation, parallel, report
     quiet_logs()
     if saved:
         cells = Path(config.workdir) / config.evaluate.output / "cells"
         try:
-            print(evaluation.saved_cells_markdown(cells, config.evaluate.eps,
-                                                  config.evaluate.norm))
+            print(report.saved_cells_markdown(cells, config.evaluate.eps, config.evaluate.norm))
         except SrdjaxError as e:
             return _fail(str(e))
         return 0
@@ -67,7 +66,7 @@ def evaluate_main(config, saved: bool = False) -> int:
         return _fail(str(e))
     if not parallel.is_main_process():
         return 0
-    print(evaluation.render_markdown(result))
+    print(report.render_markdown(result))
     print(f"written to {result['output']}/")
     return 0
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.tree_util import Partial
 
-from srdjax import adaptive, defenses, evaluation, parallel
+from srdjax import adaptive, defenses, evaluation, parallel, report
 from srdjax import purifier as pur
 from srdjax.attacks import ce_loss
 from srdjax.checks import SrdjaxError
@@ -153,8 +153,8 @@ def test_worst_case_is_the_per_image_minimum_over_attacks():
     clean = rng.random(50) < 0.8
     adv = {a: rng.random(50) < 0.5 for a in ("fgsm", "pgd20", "square")}
     expected = np.array([clean[i] and all(v[i] for v in adv.values()) for i in range(50)])
-    np.testing.assert_array_equal(evaluation.worst_case(clean, adv), expected)
-    assert evaluation.worst_case(clean, adv).mean() <= min(v.mean() for v in adv.values())
+    np.testing.assert_array_equal(report.worst_case(clean, adv), expected)
+    assert report.worst_case(clean, adv).mean() <= min(v.mean() for v in adv.values())
 
 
 def _kept(n, idx):
@@ -175,7 +175,7 @@ def test_verdict_beats_pgd_at_only_when_the_paired_interval_is_above_zero(ours, 
     per_image = {"pgd_at": _kept(n, theirs), "srd_robust": _kept(n, ours),
                  "srd_baseline": _kept(n, range(0, 10))}
     worst = {k: v.mean() for k, v in per_image.items()}
-    text, c = evaluation._verdict(list(per_image), worst, per_image)
+    text, c = report._verdict(list(per_image), worst, per_image)
     assert expected in text and c["defense"] == "srd_robust" and c["n"] == n
     # reference: the mean of the per-image differences and scipy's standard error of it
     diff = per_image["srd_robust"].astype(float) - per_image["pgd_at"]
@@ -192,7 +192,7 @@ def test_verdict_beats_pgd_at_only_when_the_paired_interval_is_above_zero(ours, 
                                           (np.ones(0, bool), np.ones(0, bool))])
 def test_paired_difference_refuses_unpaired_input(ours, theirs):
     with pytest.raises(SrdjaxError, match="two non-empty 1-d boolean arrays of the same length"):
-        evaluation.paired_difference(ours, theirs)
+        report.paired_difference(ours, theirs)
 
 
 def test_eps_zero_attacks_give_the_clean_prediction_for_every_image():
@@ -261,7 +261,7 @@ def test_evaluate_writes_the_three_reports(evaluated):
 def test_json_and_markdown_agree(evaluated):
     workdir, _ = evaluated
     saved = json.loads((workdir / "evaluation" / "results.json").read_text())
-    table = evaluation.parse_markdown_table((workdir / "evaluation" / "results.md").read_text())
+    table = report.parse_markdown_table((workdir / "evaluation" / "results.md").read_text())
     assert list(table) == saved["defenses"]
     for n in saved["defenses"]:
         expected = {"clean": saved["clean"][n], "worst case": saved["worst_case"][n],
@@ -294,7 +294,7 @@ def test_saved_cells_table_is_the_run_per_image_results_at_its_eps(evaluated):
     workdir, result = evaluated
     with np.load(workdir / "evaluation" / "per_image.npz") as f:
         per = {k: f[k] for k in f.files}
-    cells, older = evaluation.saved_cells(workdir / "evaluation" / "cells")
+    cells, older = report.saved_cells(workdir / "evaluation" / "cells")
     assert older == 0
     assert sorted({c["eps"] for c in cells}) == pytest.approx([0.0, 8 / 255, 1.0], rel=1e-5)
     main = {(c["defense"], c["attack"]): c for c in cells if c["eps"] > 0.03 and c["eps"] < 0.04}
@@ -325,11 +325,11 @@ def test_saved_cells_keep_the_newest_of_a_cell_and_skip_what_is_not_a_cell(tmp_p
         os.utime(tmp_path / f"{name}.npz", (1e9 + t, 1e9 + t))
     cache.save("s", first, 0.0, "selector success at eps 0.0313725")
     (tmp_path / "broken.npz").write_bytes(b"not an npz")
-    cells, older = evaluation.saved_cells(tmp_path)
+    cells, older = report.saved_cells(tmp_path)
     assert sorted((c["attack"], c["file"]) for c in cells) == [("fgsm", "b.npz"),
                                                                 ("pgd20", "c.npz")]
     assert older == 1
-    text = evaluation.saved_cells_markdown(tmp_path)
+    text = report.saved_cells_markdown(tmp_path)
     row = next(line for line in text.splitlines() if line.startswith("| jpeg"))
     lowest = (second & other).mean()
     assert text.splitlines()[2] == "| defense | pgd20 | fgsm | lowest so far | cells |"
@@ -337,9 +337,9 @@ def test_saved_cells_keep_the_newest_of_a_cell_and_skip_what_is_not_a_cell(tmp_p
                    f"{100 * lowest:.1f} | 2 |")
     assert text.endswith("1 older file(s) of the same cells passed over.")
     with pytest.raises(SrdjaxError, match="no saved evaluation cells"):
-        evaluation.saved_cells_markdown(tmp_path / "none")
+        report.saved_cells_markdown(tmp_path / "none")
     with pytest.raises(SrdjaxError, match="no saved cells at eps 0.5"):
-        evaluation.saved_cells_markdown(tmp_path, eps=0.5)
+        report.saved_cells_markdown(tmp_path, eps=0.5)
 
 
 def test_a_stopped_evaluation_resumes_from_its_saved_cells(evaluated):
