@@ -84,9 +84,25 @@ def bench_floors(x, ks, repeats):
         run()  # compile
         return 1e3 * interleaved([run], max(repeats, 5))[1][0]
 
-    out = dict(read_ms=best(read, x))
-    out["distances_ms"] = {int(k): best(nearest, x, jnp.asarray(
-        rng.normal(size=(k, x.shape[1])).astype(np.float32))) for k in ks}
+    out = dict(read_ms=best(read, x), distances_ms={}, pruned_pass_ms={})
+    # srdjax's pruned pass (`kmeans._sweep` on every device's rows) when the bounds leave half
+    # of the rows, or all of them, to measure: it gathers those rows block by block.
+    mesh = getattr(x.sharding, "mesh", None)
+    sweep = jax.jit(km._sweeper(mesh if mesh is not None and mesh.size > 1 else None,
+                                km.PRUNE_BLOCK))
+    n = x.shape[0]
+    like = lambda a: jax.device_put(a, x.sharding)  # noqa: E731  rows split as x's
+    x_sq = jnp.sum(x * x, axis=1)
+    for k in ks:
+        c = jnp.asarray(rng.normal(size=(k, x.shape[1])).astype(np.float32))
+        out["distances_ms"][int(k)] = best(nearest, x, c)
+        labels = like(np.asarray(nearest(x, c), np.int32))  # exact: few rows move
+        zeros = like(np.zeros(n, np.float32))
+        fixed = (x, x_sq, like(np.ones(n, np.float32)), jnp.zeros(x.shape[1]), c,
+                 jnp.ones(k, bool), labels, zeros, zeros)
+        out["pruned_pass_ms"][int(k)] = {
+            name: best(sweep, *fixed, like(rng.random(n) < frac))
+            for name, frac in (("half", 0.5), ("all", 1.0))}
     return out
 
 
@@ -182,6 +198,9 @@ def main():
         report["floors"] = f
         print(f"one read of x: {f['read_ms']:.2f} ms; one full pass of distances + argmin: "
               + ", ".join(f"k={k} {t:.2f} ms" for k, t in f["distances_ms"].items()))
+        print("srdjax's pruned pass measuring half / all of the rows: " + ", ".join(
+            f"k={k} {t['half']:.2f} / {t['all']:.2f} ms"
+            for k, t in f["pruned_pass_ms"].items()))
     if args.adaptive:
         a = bench_adaptive(x, args)
         report["adaptive"] = a
