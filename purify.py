@@ -7,7 +7,6 @@ Inputs: PNG/JPEG files, folders of them, or .npz files with an `x` array (uint8 
 Outputs: one purified PNG per input image (same name), and optionally a classification table
 and a before / after / difference grid.
 """
-import os
 import sys
 
 from srdjax import xla_env  # noqa: E402  (before anything imports jax)
