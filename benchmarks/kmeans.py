@@ -70,7 +70,8 @@ def bench_k(x, k, args):
 
 def bench_floors(x, ks, repeats):
     """Milliseconds of the two things a full Lloyd pass cannot avoid, on the same sharded x:
-    reading every point (a row sum) and the distance matmul + argmin to k centers."""
+    reading every point (a row sum) and the distance matmul + argmin to k centers; and of
+    srdjax's pruned pass (`kmeans._sweep` per device) measuring half or all of the rows."""
     rng = np.random.default_rng(0)
     read = jax.jit(lambda x: jnp.sum(x, axis=1))
     # The barrier keeps the matmul a library call: with fewer than 8 centers XLA's CPU backend
@@ -85,11 +86,9 @@ def bench_floors(x, ks, repeats):
         return 1e3 * interleaved([run], max(repeats, 5))[1][0]
 
     out = dict(read_ms=best(read, x), distances_ms={}, pruned_pass_ms={})
-    # srdjax's pruned pass (`kmeans._sweep` on every device's rows) when the bounds leave half
-    # of the rows, or all of them, to measure: it gathers those rows block by block.
-    mesh = getattr(x.sharding, "mesh", None)
-    sweep = jax.jit(km._sweeper(mesh if mesh is not None and mesh.size > 1 else None,
-                                km.PRUNE_BLOCK))
+    # The pruned pass gathers the rows its bounds leave to measure, block by block; it runs
+    # per device over the mesh `kmeans` itself builds for x.
+    sweep = jax.jit(km._sweeper(km._row_mesh(x, len(x.sharding.device_set)), km.PRUNE_BLOCK))
     n = x.shape[0]
     like = lambda a: jax.device_put(a, x.sharding)  # noqa: E731  rows split as x's
     x_sq = jnp.sum(x * x, axis=1)
@@ -146,7 +145,8 @@ def main():
     parser.add_argument("--same-start", action="store_true",
                         help="start both from scikit-learn's k-means++ centers (times Lloyd only)")
     parser.add_argument("--floors", action="store_true",
-                        help="also time one read of x and one full distance pass per k")
+                        help="also time one read of x, one full distance pass and srdjax's pruned "
+                             "pass (half / all rows) per k")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kmeans.json"))
     parser.add_argument("--devices", type=int, default=2,
                         help="host devices to shard the points over (CPU only; 1 = no sharding)")
