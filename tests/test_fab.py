@@ -235,11 +235,11 @@ def test_same_result_whatever_batch_sharding_or_loop_mode(mlp, monkeypatch):
     """With random restarts (drawn per image id), an image's result is the same alone, in its
     batch split over two devices, and with the loop fused into one program."""
     logits_fn, x, y = mlp
-    kw = dict(eps=0.1, key=KEY, steps=6, n_target_classes=3, restarts=2)
+    kw = dict(eps=0.015, key=KEY, steps=6, n_target_classes=3, restarts=2)
     full = np.asarray(fab.fab_targeted(logits_fn, x, y, **kw))
     broken = np.argmax(logits_fn(full), 1) != y
     assert 0 < broken.sum() < len(y)
-    assert np.all(_size(full - x, "linf") <= 0.1)
+    assert np.all(_size(full - x, "linf") <= 0.015)
     part = np.asarray(fab.fab_targeted(logits_fn, x[5:9], y[5:9], ids=jnp.arange(5, 9), **kw))
     np.testing.assert_array_equal(part, full[5:9])
     mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
@@ -247,6 +247,7 @@ def test_same_result_whatever_batch_sharding_or_loop_mode(mlp, monkeypatch):
     sharded = fab.fab_targeted(logits_fn, jax.device_put(x, rows), jax.device_put(y, rows), **kw)
     np.testing.assert_array_equal(sharded, full)
     monkeypatch.setattr(attacks, "LOOPS", "fused")
+    monkeypatch.setattr(attacks, "UNROLL_MAX", 0)     # loops, not 6 x 6 unrolled steps, compile
     fused = np.asarray(fab.fab_targeted(logits_fn, x, y, **kw))
     np.testing.assert_allclose(fused, full, atol=1e-6)
 

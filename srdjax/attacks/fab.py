@@ -167,11 +167,10 @@ def _fab_start(settings, g, run):
 
 
 def _fab_verdict(settings, g, best, res):
-    """The closest adversarial iterate if it lies within eps and is misclassified, per row."""
-    norm = settings[0]
-    adv = jnp.where(_per_sample(jnp.isfinite(res), best), best, g.x)
-    return adv, (jnp.isfinite(res) & (_predicted(g.fn, adv) != g.y)
-                 & (_size(adv - g.x, norm) <= g.eps))
+    """Per row, the closest misclassified iterate and whether it lies within eps (res is its
+    distance, as computed when it was found misclassified; inf if none was)."""
+    broken = res <= g.eps
+    return jnp.where(_per_sample(broken, best), best, g.x), broken
 
 
 def _fab_run(g, run, settings, steps):
@@ -192,17 +191,20 @@ def _fab_clean(settings, consts, x):
 
 
 def _fab_host(g, targets, done, settings, steps, runs):
-    """The targets in order from the host, each run only on the rows still unbroken (sizes
-    rounded up to eighths of the batch, so few shapes compile; padding repeats a row)."""
+    """The targets in order from the host, each run only on the rows still unbroken: the batch
+    shrinks when they fit in half of it (to a multiple of an eighth of it), so at most four
+    shapes compile; padding repeats a row, whose copies evolve identically."""
     n, parts = g.x.shape[0], parallel.row_parts(g.x)
     quantum = -(-max(1, -(-n // 8)) // parts) * parts
     host = {name: np.asarray(getattr(g, name)) for name in ("x", "y", "ids")}
     targets, done, out = np.asarray(targets), np.array(done), np.array(g.x)
+    size = n
     for run in range(targets.shape[1] * runs):
         active = np.nonzero(~done)[0]
         if active.size == 0:
             break
-        size = min(-(-active.size // quantum) * quantum, n)
+        if -(-active.size // quantum) * quantum <= size // 2:
+            size = -(-active.size // quantum) * quantum
         rows = np.concatenate([active, np.full(size - active.size, active[-1])])
         sub = g._replace(target=_rows_like(targets[rows, run // runs], g.x),
                          **{name: _rows_like(v[rows], g.x) for name, v in host.items()})
