@@ -162,7 +162,8 @@ class StageStore:
         return self.dir / "ckpt.sha256.json"
 
     def _redo_stage(self) -> str:
-        return f"delete {self.dir} and rerun train.py to redo the '{self.stage}' stage"
+        return (f"delete {self.dir} (and the later stages made from it) and rerun train.py to "
+                f"redo the '{self.stage}' stage")
 
     # -- orbax ------------------------------------------------------------------------------
     @property

@@ -147,6 +147,11 @@ def purify_main(argv) -> int:
             return int(e.code or 0)
         check(args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}")
         check_output_dir(args.output, "--output")
+        out = Path(args.output).expanduser().resolve()
+        for item in map(Path, args.inputs):
+            folder = item.resolve() if item.is_dir() else item.resolve().parent
+            check(folder != out or item.suffix.lower() == ".npz", f"--output {args.output} holds input {item}: the purified "
+                                 f"images would overwrite the originals; choose another folder")
         if args.grid:
             check_output_file(args.grid, "--grid", (".png",))
         from srdjax import imageio, parallel, stages

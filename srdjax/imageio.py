@@ -105,9 +105,9 @@ def purify_files(args) -> int:
     from srdjax import purifier as purifier_lib
     from srdjax.data import Dataset
     check(args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}")
+    names, images = collect_inputs(args.inputs)  # cheap, so bad inputs fail before loading
     mesh = parallel.make_mesh()
     purifier = purifier_lib.load_purifier(args.checkpoint, mesh)
-    names, images = collect_inputs(args.inputs)
     h, w = purifier.options.image_size
     check(images.shape[1:3] == (h, w), f"images are {images.shape[1]}x{images.shape[2]} but "
                                        f"checkpoint {args.checkpoint} serves {h}x{w} images")
