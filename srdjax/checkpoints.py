@@ -155,6 +155,31 @@ class StageStore:
                          "does not match the sha256 saved with it (damaged or changed)")
                 raise SrdjaxError(f"stage '{self.stage}': {directory / name} {state}; {redo}")
 
+    def verify(self) -> None:
+        """Check what this stage has saved against its checksums (final/ and the training step
+        a resume would start from), without loading it: a run checks its workdir before it
+        writes anything."""
+        if self.is_done():
+            if self._final_digest_path().exists():
+                self._verify_final()
+            return
+        step = self.latest_step()
+        self.close()
+        if step is not None:
+            self._verify_step(step)
+
+    def _verify_final(self) -> None:
+        self._verify(self.dir / "final", _read_json(self._final_digest_path(),
+                                                    self._redo_stage()), self._redo_stage())
+
+    def _verify_step(self, step: int) -> None:
+        path = self._ckpt_digest_path()
+        expected = (_read_json(path, self._redo_stage()) if path.exists() else {}).get(str(step))
+        if expected is not None:
+            self._verify(self.dir / "ckpt" / str(step), expected,
+                         f"delete {self.dir / 'ckpt' / str(step)} to resume from the step before "
+                         f"it, or {self._redo_stage()}")
+
     def _final_digest_path(self) -> Path:
         return self.dir / "final.sha256.json"
 
@@ -200,12 +225,7 @@ class StageStore:
         step = self.latest_step() if step is None else step
         if step is None:
             raise SrdjaxError(f"no checkpoint of stage '{self.stage}' in {self.dir}")
-        path = self._ckpt_digest_path()
-        expected = (_read_json(path, self._redo_stage()) if path.exists() else {}).get(str(step))
-        if expected is not None:
-            self._verify(self.dir / "ckpt" / str(step), expected,
-                         f"delete {self.dir / 'ckpt' / str(step)} to resume from the step before "
-                         f"it, or {self._redo_stage()}")
+        self._verify_step(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(
@@ -236,8 +256,7 @@ class StageStore:
             raise SrdjaxError(f"checkpoint directory {self.dir.parent} has no finished "
                               f"'{self.stage}' stage; run train.py with that stage first")
         if self._final_digest_path().exists():
-            self._verify(self.dir / "final", _read_json(self._final_digest_path(),
-                                                        self._redo_stage()), self._redo_stage())
+            self._verify_final()
         checkpointer = ocp.StandardCheckpointer()
         if target is None:
             # Leaves come back on this process's first device, whatever topology saved them

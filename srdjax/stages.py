@@ -308,11 +308,15 @@ def validate_config(config) -> None:
 
 def _preflight(ctx: Context) -> None:
     """What a run checks before it writes anything into the workdir: the workdir can be written,
-    every stage's checkpoints (if any) come from this config, and, if a stage is left to run,
-    its model can be built and its data read. A refused run leaves the workdir as it was."""
+    every stage's checkpoints (if any) come from this config and match their checksums, and, if
+    a stage is left to run, its model can be built and its data read. A refused run leaves the
+    workdir as it was."""
     check_output_dir(ctx.workdir, "config.workdir")
     for name in ctx.config.stages:
         ctx.store(name).check_compatible()
+    for name in STAGES:  # what this run may read: every stage saved in the workdir
+        if (ctx.workdir / name).is_dir():
+            ctx.store(name).verify()
     pending = [n for n in ctx.config.stages if not ctx.store(n).is_done()]
     if not pending:
         return
