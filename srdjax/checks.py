@@ -128,6 +128,8 @@ def check_output_file(path, what: str, suffixes: tuple[str, ...] = ()) -> None:
     if suffixes:
         check(path.suffix.lower() in suffixes,
               f"{what} {path} must end in {' or '.join(suffixes)}")
+    base = _nearest_existing(path.absolute().parent)
+    check(base.is_dir(), f"{what} {path} cannot be made: {base} is a file, not a folder")
     check_output_dir(path.absolute().parent, f"the folder of {what}")
 
 
