@@ -4,11 +4,15 @@ Layout of a workdir:
     <workdir>/<stage>/ckpt/<step>/   orbax CheckpointManager steps: {"state": pytree, "meta": json}
     <workdir>/<stage>/final/         the stage's result, read by later stages
     <workdir>/<stage>/DONE.json      written (atomically) when the stage has finished
+    <workdir>/<stage>/final.sha256.json, ckpt.sha256.json   sha256 of every file of final/ and
+                                     of each ckpt/<step>/, written after the save, verified at load
     <workdir>/<stage>/metrics.jsonl  the stage's log
 
 A stage counts as complete only through DONE.json, which records the fingerprint of the config
 sections the stage depends on. Running another config into the same workdir is refused with the
-first differing field, instead of silently mixing results.
+first differing field, instead of silently mixing results. A saved file whose bytes changed
+since (a damaged disk, a partial copy) is refused at load with the stage, the file and what to
+delete to redo it. Workdirs written before checksums existed load unverified.
 """
 from __future__ import annotations
 
@@ -54,6 +58,26 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=1, default=str) + "\n")
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory`, by path relative to it."""
+    directory = Path(directory)
+    out = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out[path.relative_to(directory).as_posix()] = h.hexdigest()
+    return out
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SrdjaxError(f"{path} is unreadable ({type(e).__name__}); {what}") from None
 
 
 def _first_difference(a, b, prefix="") -> str:
@@ -118,7 +142,53 @@ class StageStore:
     def summary(self) -> dict:
         if not self.is_done():
             raise SrdjaxError(f"stage '{self.stage}' has not finished in {self.dir.parent}")
-        return json.loads(self.done_path.read_text())
+        return _read_json(self.done_path, f"delete {self.dir} to redo the '{self.stage}' stage")
+
+    # -- integrity --------------------------------------------------------------------------
+    def _verify(self, directory: Path, expected: dict, redo: str) -> None:
+        """Refuse `directory` if any file differs from the sha256 recorded when it was saved."""
+        actual = tree_digest(directory)
+        for name in sorted(set(expected) | set(actual)):
+            if expected.get(name) != actual.get(name):
+                state = ("is missing" if name not in actual else
+                         "was not there when it was saved" if name not in expected else
+                         "does not match the sha256 saved with it (damaged or changed)")
+                raise SrdjaxError(f"stage '{self.stage}': {directory / name} {state}; {redo}")
+
+    def verify(self) -> None:
+        """Check what this stage has saved against its checksums (final/ and the training step
+        a resume would start from), without loading it: a run checks its workdir before it
+        writes anything."""
+        if self.is_done():
+            if self._final_digest_path().exists():
+                self._verify_final()
+            return
+        step = self.latest_step()
+        self.close()
+        if step is not None:
+            self._verify_step(step)
+
+    def _verify_final(self) -> None:
+        self._verify(self.dir / "final", _read_json(self._final_digest_path(),
+                                                    self._redo_stage()), self._redo_stage())
+
+    def _verify_step(self, step: int) -> None:
+        path = self._ckpt_digest_path()
+        expected = (_read_json(path, self._redo_stage()) if path.exists() else {}).get(str(step))
+        if expected is not None:
+            self._verify(self.dir / "ckpt" / str(step), expected,
+                         f"delete {self.dir / 'ckpt' / str(step)} to resume from the step before "
+                         f"it, or {self._redo_stage()}")
+
+    def _final_digest_path(self) -> Path:
+        return self.dir / "final.sha256.json"
+
+    def _ckpt_digest_path(self) -> Path:
+        return self.dir / "ckpt.sha256.json"
+
+    def _redo_stage(self) -> str:
+        return (f"delete {self.dir} (and the later stages made from it) and rerun train.py to "
+                f"redo the '{self.stage}' stage")
 
     # -- orbax ------------------------------------------------------------------------------
     @property
@@ -139,6 +209,15 @@ class StageStore:
         self._record_config()
         self.manager.save(int(step), args=args, force=True)
         self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            # Kept for the steps orbax keeps; a step saved just before a kill may lack its
+            # entry, and is then restored unverified.
+            path = self._ckpt_digest_path()
+            digests = _read_json(path, self._redo_stage()) if path.exists() else {}
+            kept = {str(s) for s in self.manager.all_steps()}
+            digests = {k: v for k, v in digests.items() if k in kept}
+            digests[str(int(step))] = tree_digest(self.dir / "ckpt" / str(int(step)))
+            atomic_write_json(path, digests)
 
     def restore(self, target, step: int | None = None):
         """(state, meta) from `step` (default: the latest). `target` gives structure, dtypes
@@ -146,6 +225,7 @@ class StageStore:
         step = self.latest_step() if step is None else step
         if step is None:
             raise SrdjaxError(f"no checkpoint of stage '{self.stage}' in {self.dir}")
+        self._verify_step(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(
@@ -164,6 +244,8 @@ class StageStore:
         checkpointer.save(self.dir / "final", tree, force=True)
         checkpointer.wait_until_finished()
         checkpointer.close()
+        if jax.process_index() == 0:  # before DONE.json: a finished stage always has it
+            atomic_write_json(self._final_digest_path(), tree_digest(self.dir / "final"))
 
     def load_final(self, target=None):
         """The finished stage's result; a clear error if the stage never finished or does not
@@ -173,6 +255,8 @@ class StageStore:
         if not self.is_done():
             raise SrdjaxError(f"checkpoint directory {self.dir.parent} has no finished "
                               f"'{self.stage}' stage; run train.py with that stage first")
+        if self._final_digest_path().exists():
+            self._verify_final()
         checkpointer = ocp.StandardCheckpointer()
         if target is None:
             # Leaves come back on this process's first device, whatever topology saved them

@@ -91,3 +91,65 @@ def check_labels(y, n: int, num_classes: int | None = None, name: str = "labels"
         arr = np.asarray(y)
         check(arr.min() >= 0 and arr.max() < num_classes,
               f"{name} must lie in [0, {num_classes - 1}], got [{arr.min()}, {arr.max()}]")
+
+
+# -- output paths: checked before any work, so a long run does not fail at its last write ------
+
+def _nearest_existing(path):
+    from pathlib import Path
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(path, what: str) -> None:
+    """`path` is, or can be made, a writable folder: not an existing file, and its nearest
+    existing ancestor a writable folder (nothing is created here)."""
+    import os
+    from pathlib import Path
+    path = Path(path).expanduser()
+    check(str(path).strip() != "", f"{what} must name a folder, got an empty path")
+    check(not path.exists() or path.is_dir(),
+          f"{what} {path} is a file; expected a folder (or a path where one can be made)")
+    base = _nearest_existing(path)
+    check(base.is_dir(), f"{what} {path} cannot be made: {base} is a file, not a folder")
+    check(os.access(base, os.W_OK | os.X_OK), f"{what} {path} is not writable ({base} is "
+                                              f"read-only for this user)")
+
+
+def check_output_file(path, what: str, suffixes: tuple[str, ...] = ()) -> None:
+    """`path` can be written as a file: not a folder, its folder exists (or can be made) and is
+    writable, and it ends in one of `suffixes` if given."""
+    from pathlib import Path
+    path = Path(path).expanduser()
+    check(str(path).strip() != "", f"{what} must name a file, got an empty path")
+    check(not path.is_dir(), f"{what} {path} is a folder; expected a file name")
+    if suffixes:
+        check(path.suffix.lower() in suffixes,
+              f"{what} {path} must end in {' or '.join(suffixes)}")
+    base = _nearest_existing(path.absolute().parent)
+    check(base.is_dir(), f"{what} {path} cannot be made: {base} is a file, not a folder")
+    check_output_dir(path.absolute().parent, f"the folder of {what}")
+
+
+def read_npz(path) -> dict:
+    """All arrays of an .npz file, never unpickling (allow_pickle=False); a missing, empty,
+    truncated or corrupt file is one SrdjaxError naming it."""
+    import zipfile
+    from pathlib import Path
+    path = Path(path)
+    check(path.is_file(), f"{path} does not exist" if not path.exists() else
+          f"{path} is not a file")
+    check(path.stat().st_size > 0, f"{path} is empty (0 bytes); expected an .npz archive")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise SrdjaxError(f"{path} holds a single .npy array, not an .npz archive")
+            return {k: f[k] for k in f.files}
+    except zipfile.BadZipFile as e:
+        raise SrdjaxError(f"{path} is truncated or corrupt, not a readable .npz archive ({e})"
+                          ) from None
+    except (OSError, ValueError, EOFError) as e:
+        raise SrdjaxError(f"cannot read {path} as .npz ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None

@@ -64,11 +64,8 @@ def resolve_data_dir(data_dir: str | None, name: str = "cifar10") -> Path:
 
 
 def _read_npz(path: Path) -> dict:
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise SrdjaxError(f"cannot read {path}: {e}") from None
+    from srdjax.checks import read_npz
+    return read_npz(path)
 
 
 def _validate(x, y, path, classes=None) -> tuple[np.ndarray, np.ndarray]:

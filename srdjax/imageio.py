@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from srdjax.checks import SrdjaxError, check
+from srdjax.checks import SrdjaxError, check, read_npz
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -43,14 +43,12 @@ def collect_inputs(inputs) -> tuple[list[str], np.ndarray]:
                 names.append(p.stem)
                 images.append(read_image(p))
         elif item.suffix.lower() == ".npz":
-            try:
-                with np.load(item, allow_pickle=False) as f:
-                    check("x" in f.files, f"{item} has no 'x' array (keys: {f.files})")
-                    x = f["x"]
-            except (OSError, ValueError) as e:
-                raise SrdjaxError(f"cannot read {item}: {e}") from None
+            arrays = read_npz(item)
+            check("x" in arrays, f"{item} has no 'x' array (keys: {sorted(arrays)})")
+            x = arrays["x"]
             check(x.ndim == 4 and x.shape[-1] == 3 and x.dtype == np.uint8,
                   f"{item}: x must be uint8 [N, H, W, 3], got {x.dtype} {x.shape}")
+            check(len(x) > 0, f"{item}: x holds no images (shape {x.shape})")
             names += [f"{item.stem}_{i:05d}" for i in range(len(x))]
             images += list(x)
         elif item.is_file():
@@ -107,9 +105,9 @@ def purify_files(args) -> int:
     from srdjax import purifier as purifier_lib
     from srdjax.data import Dataset
     check(args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}")
+    names, images = collect_inputs(args.inputs)  # cheap, so bad inputs fail before loading
     mesh = parallel.make_mesh()
     purifier = purifier_lib.load_purifier(args.checkpoint, mesh)
-    names, images = collect_inputs(args.inputs)
     h, w = purifier.options.image_size
     check(images.shape[1:3] == (h, w), f"images are {images.shape[1]}x{images.shape[2]} but "
                                        f"checkpoint {args.checkpoint} serves {h}x{w} images")
@@ -135,6 +133,7 @@ def purify_files(args) -> int:
         write_png(out_dir / f"{name}.png", im)
     print(f"wrote {len(names)} purified images to {out_dir} ({mesh.size} device(s))")
     if args.grid:
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
         save_grid(Path(args.grid), images, purified)
         print(f"wrote {args.grid}")
     if args.classify:

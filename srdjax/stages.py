@@ -15,9 +15,9 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from srdjax import clusters, dictionary, frequency, parallel, robust
+from srdjax import clusters, config_checks, dictionary, frequency, parallel, robust
 from srdjax.checkpoints import StageStore, atomic_write_json
-from srdjax.checks import SrdjaxError, check
+from srdjax.checks import SrdjaxError, check, check_output_dir
 from srdjax.data import Dataset, load_dataset
 from srdjax.models import apply_model, create_model, split_model
 from srdjax import training
@@ -298,42 +298,46 @@ STAGES = {
 
 
 def validate_config(config) -> None:
-    for name in config.stages:
-        if name not in STAGES:
-            raise SrdjaxError(f"unknown stage {name!r} in config.stages; "
-                              f"expected some of {list(STAGES)}")
-    check(str(config.workdir), "config.workdir must be set")
-    from srdjax.models import MODELS
-    check(config.model.name in MODELS,
-          f"unknown model {config.model.name!r}; expected one of {sorted(MODELS)}")
-    check(config.model.num_classes >= 2,
-          f"model.num_classes must be >= 2, got {config.model.num_classes}")
-    if {"dictionaries", "purify"} & set(config.stages):
-        # Before any training: a resolution the patches do not tile fails now, not an hour in.
-        h, w = config.data.image_size
-        dictionary._grid(int(h), int(w), config.dictionaries.patch_size,
-                         config.dictionaries.stride)
-    if "purify" in config.stages:
-        from srdjax import purifier as pur
-        pur.check_image_chunk(config.purify.image_chunk, "purify.image_chunk")
-    for name in config.stages:
-        section = config.get(name)
-        if section is not None and "batch_size" in section:
-            check(section.batch_size > 0,
-                  f"{name}.batch_size must be positive, got {section.batch_size}")
+    """The whole config, before any work or write: every field known, typed and in range
+    (srdjax.config_checks), and the dictionaries' patches tiling the images (a resolution they
+    do not tile fails now, not an hour into training)."""
+    config_checks.check_config(config)
+    h, w = config.data.image_size
+    dictionary._grid(int(h), int(w), config.dictionaries.patch_size, config.dictionaries.stride)
+
+
+def _preflight(ctx: Context) -> None:
+    """What a run checks before it writes anything into the workdir: the workdir can be written,
+    every stage's checkpoints (if any) come from this config and match their checksums, and, if
+    a stage is left to run, its model can be built and its data read. A refused run leaves the
+    workdir as it was."""
+    check_output_dir(ctx.workdir, "config.workdir")
+    for name in ctx.config.stages:
+        ctx.store(name).check_compatible()
+    for name in STAGES:  # what this run may read: every stage saved in the workdir
+        if (ctx.workdir / name).is_dir():
+            ctx.store(name).verify()
+    pending = [n for n in ctx.config.stages if not ctx.store(n).is_done()]
+    if not pending:
+        return
+    from flax import nnx
+    nnx.eval_shape(lambda: build_model(ctx.config))  # bad model.kwargs, without the weights
+    ctx.dataset("test")
+    if set(pending) - {"purify"}:
+        ctx.dataset("train")
 
 
 def run(config, mesh=None, stop_after_steps: int | None = None) -> dict:
     """Run the config's stages in order; returns each stage's summary."""
     validate_config(config)
     ctx = Context(config, mesh)
+    _preflight(ctx)
     if parallel.is_main_process():
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(ctx.workdir / "config.json", config.to_dict())
     summaries = {}
     for name in config.stages:
         store = ctx.store(name)
-        store.check_compatible()
         if store.is_done():
             ctx.log(f"[{name}] complete in {store.dir}; skipping")
             summaries[name] = store.summary()
@@ -352,9 +356,17 @@ def run(config, mesh=None, stop_after_steps: int | None = None) -> dict:
 def load_config(workdir) -> ml_collections.ConfigDict:
     """The config a workdir was made with (saved by `run`)."""
     path = Path(workdir).expanduser() / "config.json"
-    if not path.exists():
+    if not path.is_file():
         raise SrdjaxError(f"{workdir} is not an srdjax checkpoint directory (no config.json)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SrdjaxError(f"{path} is unreadable ({type(e).__name__}: {str(e)[:80]}); it is "
+                          f"the config this workdir was trained with: restore it, or retrain "
+                          f"into a new workdir") from None
+    check(isinstance(saved, dict) and all(k in saved for k in ("data", "model", "cluster")),
+          f"{path} is not an srdjax config (no data/model/cluster sections)")
+    return ml_collections.ConfigDict(saved)
 
 
 def class_names(config) -> tuple[str, ...]:

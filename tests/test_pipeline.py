@@ -71,10 +71,9 @@ def test_workdir_from_another_config_is_refused(finished):
 def test_bad_config_values_are_named():
     with pytest.raises(SrdjaxError, match="unknown stage 'bogus'"):
         stages.run(smoke_config("/tmp/unused", stages=("bogus",)))
-    with pytest.raises(SrdjaxError, match="baseline.batch_size must be positive, got 0"):
+    with pytest.raises(SrdjaxError, match="config.baseline.batch_size must be >= 1, got 0"):
         stages.run(smoke_config("/tmp/unused", **{"baseline.batch_size": 0}))
-    with pytest.raises(SrdjaxError, match=r"purify.image_chunk must be a non-negative integer "
-                                          r"\(0: by platform\), got -1"):
+    with pytest.raises(SrdjaxError, match=r"config.purify.image_chunk must be >= 0, got -1"):
         stages.run(smoke_config("/tmp/unused", **{"purify.image_chunk": -1}))
 
 
