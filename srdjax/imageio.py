@@ -75,7 +75,7 @@ def write_png(path: Path, image_u8: np.ndarray) -> None:
 
 
 def save_grid(path: Path, before: np.ndarray, after: np.ndarray, n: int = 8) -> None:
-    """Rows: original, purified, |difference| ×4 (as in the README's figure)."""
+    """Rows: original, purified, |difference| ×4 (as in docs/figures/quick_purify_grid.png)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
