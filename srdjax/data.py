@@ -53,13 +53,19 @@ class Dataset:
 
 
 def resolve_data_dir(data_dir: str | None, name: str = "cifar10") -> Path:
-    """The config's directory, else $SRDJAX_DATA_DIR, else the bundled copy beside the repo."""
+    """The config's directory, else $SRDJAX_DATA_DIR, else the bundled copy beside the repo
+    (beside the working directory's clone for an installed package)."""
     if data_dir:
         return Path(data_dir).expanduser()
     if os.environ.get("SRDJAX_DATA_DIR"):
         return Path(os.environ["SRDJAX_DATA_DIR"]).expanduser()
     if name not in BUNDLED:
         raise SrdjaxError(f"no bundled copy of dataset {name!r}; set data.data_dir")
+    # An installed package lives in site-packages, away from any clone: then the copy beside
+    # the clone the command runs in (its working directory) is the bundled one.
+    beside_cwd = Path.cwd().parent / BUNDLED[name].relative_to(REPO_ROOT.parent)
+    if not BUNDLED[name].is_dir() and beside_cwd.is_dir():
+        return beside_cwd
     return BUNDLED[name]
 
 
