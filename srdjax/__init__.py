@@ -3,7 +3,8 @@ representations, in JAX.
 
     import srdjax
     purifier = srdjax.load_purifier("runs/cifar10_quick")
-    clean = purifier(images)                 # jitted; images [N, H, W, 3] in [0, 1]
+    clean = purifier(images)                 # jitted; images [N, H, W, 3] in [0, 1], checked
+    clean = purifier.unchecked(images)       # the same without the checks (inside your jit)
     logits_fn = srdjax.load_defense("runs/cifar10_quick", classifier="robust")
 
 The public names load lazily, so `import srdjax.xla_env` can set XLA flags before jax loads.
@@ -18,6 +19,7 @@ _PUBLIC = {
     "load_purifier": "srdjax.purifier",
     "purify": "srdjax.purifier",
     "purify_bpda": "srdjax.purifier",
+    "purify_unchecked": "srdjax.purifier",
 }
 __all__ = list(_PUBLIC)
 

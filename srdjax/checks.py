@@ -38,23 +38,47 @@ def check_finite(x, name: str) -> None:
             raise SrdjaxError(f"{name} contains NaN or infinite values")
 
 
+def _value_range(x) -> tuple[float, float, bool]:
+    """(min, max, all finite) of a concrete array. An array on an accelerator or spread over
+    several processes is reduced where it lives (three scalars come back, not the batch)."""
+    on_device = isinstance(x, jax.Array) and (
+        not _local(x) or any(d.platform != "cpu" for d in x.devices()))
+    if on_device:
+        lo, hi, finite = _device_range(x)
+        return float(lo), float(hi), bool(finite)
+    arr = np.asarray(x)
+    finite = bool(np.all(np.isfinite(arr)))
+    if not finite:
+        return float("nan"), float("nan"), False
+    return float(arr.min()), float(arr.max()), True
+
+
+@jax.jit
+def _device_range(x):
+    ok = jnp.isfinite(x)
+    return (jnp.min(jnp.where(ok, x, jnp.inf)), jnp.max(jnp.where(ok, x, -jnp.inf)),
+            jnp.all(ok))
+
+
 def check_images(x, name: str = "images", *, channels: int | None = 3) -> None:
-    """Float images [N, H, W, C] with values in [0, 1]."""
-    shape = jnp.shape(x)
-    check(len(shape) == 4, f"{name} must be NHWC with rank 4, got shape {tuple(shape)}")
+    """Float images [N, H, W, C] with values in [0, 1], finite, at least one image."""
+    check(hasattr(x, "shape") and hasattr(x, "dtype"),
+          f"{name} must be an array [N, H, W, C], got {type(x).__name__}")
+    shape = tuple(jnp.shape(x))
+    check(len(shape) == 4, f"{name} must be NHWC with rank 4, got shape {shape}")
     if channels is not None:
         check(shape[-1] == channels,
-              f"{name} must have {channels} channels last (NHWC), got shape {tuple(shape)}")
+              f"{name} must have {channels} channels last (NHWC), got shape {shape}")
     dtype = jnp.result_type(x)
+    hint = " (uint8 images: divide by 255)" if jnp.issubdtype(dtype, jnp.integer) else ""
     check(jnp.issubdtype(dtype, jnp.floating),
-          f"{name} must be floating point in [0, 1], got dtype {dtype}")
-    if is_concrete(x):
-        check_finite(x, name)
-        if jnp.size(x):
-            arr = np.asarray(x) if _local(x) else x
-            lo, hi = float(arr.min()), float(arr.max())
-            check(lo >= 0.0 and hi <= 1.0,
-                  f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+          f"{name} must be floating point in [0, 1], got dtype {dtype}{hint}")
+    if is_concrete(x) and jnp.size(x):
+        lo, hi, finite = _value_range(x)
+        check(finite, f"{name} contains NaN or infinite values")
+        scale = " (0-255 values? divide by 255)" if hi > 1.0 and hi <= 255.0 and lo >= 0 else ""
+        check(lo >= 0.0 and hi <= 1.0,
+              f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]{scale}")
 
 
 def check_labels(y, n: int, num_classes: int | None = None, name: str = "labels") -> None:

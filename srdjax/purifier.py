@@ -61,7 +61,8 @@ class PurifyOptions:
 class Purifier:
     """Robust model, cluster distributions and dictionaries, as one pytree.
 
-    `purifier(x)` is `purify(purifier, x)`."""
+    `purifier(x)` is `purify(purifier, x)` (inputs checked); `purifier.unchecked(x)` is
+    `purify_unchecked(purifier, x)`, for use inside other jitted code."""
     graphdef: Any = flax.struct.field(pytree_node=False)
     options: PurifyOptions = flax.struct.field(pytree_node=False)
     params: Any
@@ -72,6 +73,9 @@ class Purifier:
 
     def __call__(self, x, *, return_cluster: bool = False):
         return purify(self, x, return_cluster=return_cluster)
+
+    def unchecked(self, x, *, return_cluster: bool = False):
+        return purify_unchecked(self, x, return_cluster=return_cluster)
 
     def latent(self, x):
         return apply_model(self.graphdef, self.params, self.batch_stats, x)[1]
@@ -145,10 +149,14 @@ def _purify(p: Purifier, x, return_cluster: bool = False):
 
 
 def check_input(p: Purifier, x) -> None:
+    """What every public entry point refuses, in one line: not an NHWC float batch of this
+    purifier's size, an empty batch, values outside [0, 1], NaN or infinity (the values only
+    when x is concrete: under `jit` or `grad` only its shape and dtype are known)."""
     check_images(x, "images")
     h, w = p.options.image_size
     check(tuple(x.shape[1:3]) == (h, w),
           f"images are {x.shape[1]}x{x.shape[2]} but this purifier was built for {h}x{w}")
+    check(x.shape[0] >= 1, f"images is an empty batch (shape {tuple(x.shape)})")
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,17 +172,26 @@ def _purify_per_device(mesh, spec, return_cluster: bool):
                                  check_vma=False))
 
 
-def purify(p: Purifier, x, *, return_cluster: bool = False):
-    """Purified images [N, H, W, 3] in [0, 1] (and the chosen cluster [N] if asked).
-
-    Deterministic and pure; jitted. Inputs are checked when concrete (outside `jit`). A batch
-    split over a mesh's devices (e.g. by `parallel.shard_batch`) is purified on every device
-    separately; the result is split the same way."""
-    check_input(p, x)
+def purify_unchecked(p: Purifier, x, *, return_cluster: bool = False):
+    """`purify` without its input checks: for code that has checked its images already, or
+    that calls purification inside its own `jit`/`grad` (attacks, evaluation). Images outside
+    [0, 1] or holding NaN give meaningless output here, not an error."""
     mesh = parallel.rows_mesh(x)
     if mesh is not None and x.shape[0] % parallel.row_parts(x) == 0:
         return _purify_per_device(mesh, P(x.sharding.spec[0]), return_cluster)(p, x)
     return _purify(p, x, return_cluster=return_cluster)
+
+
+def purify(p: Purifier, x, *, return_cluster: bool = False):
+    """Purified images [N, H, W, 3] in [0, 1] (and the chosen cluster [N] if asked).
+
+    Deterministic and pure; jitted. The images are checked first (`check_input`): a wrong
+    rank, size or dtype, values outside [0, 1], NaN or infinity raise `SrdjaxError` (values
+    only when concrete; traced inside another `jit`, shape and dtype alone are checked). A
+    batch split over a mesh's devices (e.g. by `parallel.shard_batch`) is purified on every
+    device separately; the result is split the same way. `purify_unchecked` skips the checks."""
+    check_input(p, x)
+    return purify_unchecked(p, x, return_cluster=return_cluster)
 
 
 def purify_uint8(p: Purifier, images, mesh, batch_size: int, *, desc: str = "purify"):
@@ -192,8 +209,9 @@ def purify_uint8(p: Purifier, images, mesh, batch_size: int, *, desc: str = "pur
     for start in tqdm(range(0, len(images), batch), desc=desc, unit="batch", leave=False,
                       disable=not parallel.is_main_process() or len(images) <= batch):
         xb, n = parallel.pad_to_multiple(images[start:start + batch], mesh.size)
-        out, k = purify(p, parallel.shard_global(mesh, xb.astype(np.float32) / 255.0),
-                        return_cluster=True)
+        # uint8 / 255 lies in [0, 1] by construction: no need for purify's value checks.
+        out, k = purify_unchecked(p, parallel.shard_global(mesh, xb.astype(np.float32) / 255.0),
+                                  return_cluster=True)
         purified.append(np.round(parallel.to_host(out)[:n] * 255.0).astype(np.uint8))
         chosen.append(parallel.to_host(k)[:n])
     return np.concatenate(purified), np.concatenate(chosen)
@@ -313,10 +331,13 @@ def load_purifier(checkpoint_dir, mesh=None) -> Purifier:
 
 
 def load_defense(checkpoint_dir, classifier: str = "baseline", mesh=None):
-    """The whole defense as one jitted function images → logits (purify, then classify).
+    """The whole defense as one function images → logits (purify, then classify).
 
-    Its gradient is the BPDA gradient (see `purify_bpda`), so any gradient attack applies to it
-    as it would to a bare model. `classifier` is "baseline" or "robust"."""
+    The function checks its images like `purify` (NHWC floats in [0, 1] of the purifier's size,
+    finite; values only when concrete) and then calls its jitted body, `fn.unchecked`, which
+    code already inside `jit` or an attack loop may call directly. Its gradient is the BPDA
+    gradient (see `purify_bpda`), so any gradient attack applies to it as it would to a bare
+    model. `classifier` is "baseline" or "robust"."""
     from srdjax.checks import SrdjaxError
     if classifier not in ("baseline", "robust"):
         raise SrdjaxError(f"classifier must be 'baseline' or 'robust', got {classifier!r}")
@@ -325,8 +346,14 @@ def load_defense(checkpoint_dir, classifier: str = "baseline", mesh=None):
     graphdef, params, stats = stages.load_classifier(ctx, classifier)
 
     @jax.jit
-    def logits_fn(x):
+    def unchecked(x):
         return defense_logits(purifier,
                               lambda im: apply_model(graphdef, params, stats, im)[0], x)
 
+    def logits_fn(x):
+        check_input(purifier, x)
+        return unchecked(x)
+
+    logits_fn.unchecked = unchecked
+    logits_fn.purifier = purifier
     return logits_fn
