@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from benchmarks.common import (cpu_times, interleaved, machine, op_profile,  # noqa: E402
                                write_json)
 from configs import imagenet10  # noqa: E402
-from srdjax import clusters, parallel, purifier as pur  # noqa: E402
+from srdjax import clusters, loading, parallel, purifier as pur  # noqa: E402
 from srdjax.models import create_model, split_model  # noqa: E402
 
 
@@ -238,7 +238,7 @@ def main():
     sizes = map(int, args.sizes.split(","))
     for size, chunk in ((s, c) for s in sizes for c in args.image_chunks):
         if args.checkpoint and size == 32:
-            p = pur.load_purifier(args.checkpoint)
+            p = loading.load_purifier(args.checkpoint)
             if chunk:
                 p = p.replace(options=dataclasses.replace(p.options, image_chunk=chunk))
         elif size == 32:

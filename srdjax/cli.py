@@ -89,10 +89,10 @@ def purify_main(argv) -> int:
     group.add_argument("--process-id", type=int, default=None)
     args = parser.parse_args(argv)
     quiet_logs()
-    from srdjax import imageio, parallel
+    from srdjax import parallel, purify_files
     try:
         parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-        return imageio.purify_files(args)
+        return purify_files.purify_files(args)
     except SrdjaxError as e:
         return _fail(str(e))
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from srdjax.checks import SrdjaxError, check
+from srdjax.imageio import IMAGE_SUFFIXES, read_image
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -175,7 +176,6 @@ def _class_folders(root: Path, classes=None) -> list[Path]:
 
 
 def _read_class(folder: Path, size) -> np.ndarray:
-    from srdjax.imageio import IMAGE_SUFFIXES, read_image
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     check(files, f"class folder {folder} holds no PNG/JPEG images")
     return np.stack([resize_image(read_image(p), size) for p in files])

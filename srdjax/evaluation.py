@@ -32,7 +32,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from srdjax import adaptive, attacks, parallel, stages
-from srdjax import purifier as purifier_lib
 from srdjax.adaptive import Classifier, Defense, defense_logits, sharded_attack
 from srdjax.checks import check
 from srdjax.data import class_balanced_subset, load_dataset
@@ -197,7 +196,7 @@ def load_defenses(workdir, s: Settings, mesh=None):
     classifiers = {st: Classifier(*stages.load_classifier(ctx, st)) for st in sorted(wanted)}
     purifier = None
     if any(DEFENSES[n][0] == "purify" for n in s.defenses):
-        purifier = parallel.replicate(ctx.mesh, purifier_lib.load_purifier(workdir, ctx.mesh))
+        purifier = parallel.replicate(ctx.mesh, stages.build_purifier(ctx))
     built = {n: make_defense(n, classifiers[DEFENSES[n][1]], purifier, s) for n in s.defenses}
     source = make_defense("none", classifiers["baseline"]) if "baseline" in classifiers else None
     return ctx, built, source
