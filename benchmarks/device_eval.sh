@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
 # The full-strength evaluation (`python evaluate.py --config configs/cifar10_quick.py`: 1,000
-# test images, every defense under every attack at full length) on a lent GPU, in calls of the
-# device tool's `run` that each end before its limit and resume where the last stopped.
+# test images, every defense under every attack at full length) on a GPU machine that runs jobs
+# under a time limit, in calls that each end before the limit and resume where the last stopped.
 #
-# The training split (five 28 MB files) is larger than what one call can carry (64 MiB), so the
-# checkpoint is trained here on the CPU and travels, with the test split, as one archive of
-# what evaluate.py reads (no optimizer states or purified test images). Prepare here:
+# Only what evaluate.py reads travels to the GPU machine: the checkpoint, trained on a CPU
+# machine, and the test split, as one archive (no optimizer states, purified test images or
+# training split). Prepare on the CPU machine:
 #
 #   python train.py --config configs/cifar10_quick.py                 # about 45 min on 2 cores
 #   bash benchmarks/device_eval.sh --pack                             # -> .devrun/ (ignored)
 #
-# then run there (carry [".whl", ".devrun"]; .whl as in benchmarks/device_run.sh's header):
+# copy .whl/ and .devrun/ to the GPU machine (.whl as in benchmarks/device_run.sh's header),
+# then run there:
 #
-#   DEADLINE=540 bash benchmarks/device_eval.sh                       # timeout_s 570
+#   DEADLINE=540 bash benchmarks/device_eval.sh                       # under a 570 s limit
 #
 # Every finished (defense, attack, epsilon) cell is saved as the evaluation goes; whatever is
 # finished when DEADLINE comes goes back in $OUT/evaluation.tgz, with the log and, once every
-# cell is done, results.md and results.json. Back here, `bash benchmarks/device_eval.sh --unpack
-# <files_at>` puts the cells into runs/cifar10_quick/evaluation/ and re-packs .devrun/, so the
-# next call (a warm machine keeps them anyway) or a later session goes on from there;
+# cell is done, results.md and results.json. On the CPU machine, `bash benchmarks/device_eval.sh
+# --unpack <folder with evaluation.tgz>` puts the cells into runs/cifar10_quick/evaluation/ and
+# re-packs .devrun/, so the next call goes on from there;
 # `python evaluate.py --config configs/cifar10_quick.py --saved` prints what is saved.
 set -u
 CONFIG=${CONFIG:-configs/cifar10_quick.py}  # (CONFIG=configs/smoke.py WORKDIR=runs/smoke: a check)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of one lent device session, as one call (the device tool's `run`):
+# The GPU checks, as one job on a GPU machine that runs jobs under a time limit:
 #
 #   bash benchmarks/device_run.sh            # writes logs and JSON to $OUT (else /tmp/srdjax-gpu)
 #
@@ -9,9 +9,9 @@
 # OMP against scikit-learn (on the machine's CPUs); the numeric tests of clustering, OMP,
 # dictionaries, purification and attacks on the GPU; purify at 64 and 128 px; k-means against
 # scikit-learn; ResNet-18 training-step times of configs/cifar10.py. Every step's full output
-# goes to $OUT/log.txt and its tail to stdout. Prepared on the CPU machine, where the GPU
-# machine has no ml_collections and no data (both folders git-ignored through
-# .git/info/exclude, and named in the call's carry):
+# goes to $OUT/log.txt and its tail to stdout. Prepared on a CPU machine for a GPU machine
+# without network access, ml_collections or data (copy both folders there with the clone; keep
+# them out of git through .git/info/exclude):
 #
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0
 #   mkdir -p .devdata/cifar10 && cp ../shared/data/cifar10/test.npz .devdata/cifar10/

@@ -71,7 +71,7 @@ def bench_k(x, k, args):
 def bench_floors(x, ks, repeats):
     """Milliseconds of the two things a full Lloyd pass cannot avoid, on the same sharded x:
     reading every point (a row sum) and the distance matmul + argmin to k centers; and of
-    srdjax's pruned pass (`kmeans._sweep` per device) measuring half or all of the rows."""
+    srdjax's pruned pass (`kmeans_lloyd._sweep` per device) measuring half or all of the rows."""
     rng = np.random.default_rng(0)
     read = jax.jit(lambda x: jnp.sum(x, axis=1))
     # The barrier keeps the matmul a library call: with fewer than 8 centers XLA's CPU backend
@@ -88,7 +88,8 @@ def bench_floors(x, ks, repeats):
     out = dict(read_ms=best(read, x), distances_ms={}, pruned_pass_ms={})
     # The pruned pass gathers the rows its bounds leave to measure, block by block; it runs
     # per device over the mesh `kmeans` itself builds for x.
-    sweep = jax.jit(km._sweeper(km._row_mesh(x, len(x.sharding.device_set)), km.PRUNE_BLOCK))
+    sweep = jax.jit(kmeans_lloyd.sweeper(km._row_mesh(x, len(x.sharding.device_set)),
+                                         kmeans_lloyd.PRUNE_BLOCK))
     n = x.shape[0]
     like = lambda a: jax.device_put(a, x.sharding)  # noqa: E731  rows split as x's
     x_sq = jnp.sum(x * x, axis=1)
@@ -153,7 +154,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    global jax, jnp, km
+    global jax, jnp, km, kmeans_lloyd
     if args.devices > 1:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
                                    f"platform_device_count={args.devices}").strip()
@@ -161,6 +162,7 @@ def main():
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     from srdjax import kmeans as km
+    from srdjax import kmeans_lloyd
 
     cpu_start = cpu_times()
     devices = jax.devices()[:max(1, args.devices)]

@@ -12,7 +12,7 @@ each step (split, cluster choice, patches, correlations, OMP, rebuild) jitted al
 model and the share of CPU time the hypervisor gave to other guests during it
 (`cpu_steal_share`): on a shared virtual machine a run loses that share of its speed.
 `--map-ab` times purify, and purify with its BPDA gradient, with `parallel.chunked_map` as it
-is and as it was before 2026-11-28 (mapping over a swapped copy of its inputs), alternating in
+and as a plain `lax.map` over a swapped copy of its inputs, alternating in
 one process, run per device, and prints their largest difference.
 `--grad` also times what a gradient attack pays per image: purify with its BPDA gradient (the
 forward pass and the written-out backward of `purify_bpda`), next to the same gradient by
@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from benchmarks.common import (cpu_times, interleaved, machine, op_profile,  # noqa: E402
                                write_json)
 from configs import imagenet10  # noqa: E402
-from srdjax import clusters, parallel, purifier as pur  # noqa: E402
+from srdjax import clusters, loading, parallel, purifier as pur  # noqa: E402
 from srdjax.models import create_model, split_model  # noqa: E402
 
 
@@ -133,7 +133,7 @@ def grad_bench(purifier, x, w, repeats, mesh):
 
 
 def _swapped_chunked_map(fn, chunk, *arrays):
-    """parallel.chunked_map before 2026-11-28: the same chunks, mapped with lax.map over a
+    """The alternative to parallel.chunked_map: the same chunks, mapped with lax.map over a
     [n_chunks, c, ...] copy of every input (and the outputs swapped back)."""
     n = arrays[0].shape[0]
     n_chunks, c, pad = parallel.chunk_layout(n, chunk)
@@ -225,7 +225,7 @@ def main():
                     help="also time purify with its BPDA gradient, against autodiff")
     ap.add_argument("--map-ab", action="store_true",
                     help="also time purify (and its BPDA gradient) with chunked_map before and "
-                         "after 2026-11-28's change, alternating")
+                         "as a lax.map over swapped copies, alternating")
     ap.add_argument("--profile", action="store_true",
                     help="also print the whole program's time per kind of XLA operation")
     ap.add_argument("--out", default="benchmarks/results/purify.json")
@@ -238,7 +238,7 @@ def main():
     sizes = map(int, args.sizes.split(","))
     for size, chunk in ((s, c) for s in sizes for c in args.image_chunks):
         if args.checkpoint and size == 32:
-            p = pur.load_purifier(args.checkpoint)
+            p = loading.load_purifier(args.checkpoint)
             if chunk:
                 p = p.replace(options=dataclasses.replace(p.options, image_chunk=chunk))
         elif size == 32:

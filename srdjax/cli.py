@@ -154,11 +154,11 @@ def purify_main(argv) -> int:
                                  f"images would overwrite the originals; choose another folder")
         if args.grid:
             check_output_file(args.grid, "--grid", (".png",))
-        from srdjax import imageio, parallel, stages
+        from srdjax import parallel, purify_files, stages
         stages.load_config(args.checkpoint)  # not a workdir: one line before jax starts
         quiet_logs()
         parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-        return imageio.purify_files(args)
+        return purify_files.purify_files(args)
 
     return guarded(body, debug_requested(argv))
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from srdjax.checks import SrdjaxError, check
+from srdjax.imageio import IMAGE_SUFFIXES, read_image
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -53,13 +54,19 @@ class Dataset:
 
 
 def resolve_data_dir(data_dir: str | None, name: str = "cifar10") -> Path:
-    """The config's directory, else $SRDJAX_DATA_DIR, else the bundled copy beside the repo."""
+    """The config's directory, else $SRDJAX_DATA_DIR, else the bundled copy beside the repo
+    (beside the working directory's clone for an installed package)."""
     if data_dir:
         return Path(data_dir).expanduser()
     if os.environ.get("SRDJAX_DATA_DIR"):
         return Path(os.environ["SRDJAX_DATA_DIR"]).expanduser()
     if name not in BUNDLED:
         raise SrdjaxError(f"no bundled copy of dataset {name!r}; set data.data_dir")
+    # An installed package lives in site-packages, away from any clone: then the copy beside
+    # the clone the command runs in (its working directory) is the bundled one.
+    beside_cwd = Path.cwd().parent / BUNDLED[name].relative_to(REPO_ROOT.parent)
+    if not BUNDLED[name].is_dir() and beside_cwd.is_dir():
+        return beside_cwd
     return BUNDLED[name]
 
 
@@ -166,7 +173,6 @@ def _class_folders(root: Path, classes=None) -> list[Path]:
 
 
 def _read_class(folder: Path, size) -> np.ndarray:
-    from srdjax.imageio import IMAGE_SUFFIXES, read_image
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     check(files, f"class folder {folder} holds no PNG/JPEG images")
     return np.stack([resize_image(read_image(p), size) for p in files])

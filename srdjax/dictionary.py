@@ -70,8 +70,8 @@ def _fold(patches, image_shape, patch_size: int, stride: int):
     When the stride divides the patch size (p = m·s), the image is a grid of s×s tiles and
     every patch m×m of them: the sum is m² shifted copies of the patches' tiles, each a pad on
     the tile grid (XLA fuses them into one pass over the image). Otherwise it is p² interior-
-    padded copies, one per offset inside the patch. Measured on this project's 2-core CPU (ad-hoc
-    timings): inside the overlap average, jax.linear_transpose of `_extract` took 22 ms where
+    padded copies, one per offset inside the patch. Measured on a 2-core x86-64 CPU
+    (timed by hand): inside the overlap average, jax.linear_transpose of `_extract` took 22 ms where
     this takes 7–9 ms (32 CIFAR-size images, stride 1); at 16×16 patches and stride 8, one pad
     per offset took 28 ms for 4 images of 128×128 and the tiles 0.4 ms.
     """
@@ -133,7 +133,7 @@ def _reconstruct(patches, image_shape, patch_size: int, stride: int):
 
 def _average(patches, image_shape, patch_size: int, stride: int):
     """The overlap average as a plain sum / count: `_reconstruct` up to float32 rounding (about
-    1e-6 apart, not bitwise when the patches agree), in a third of its time (ad hoc, one device:
+    1e-6 apart, not bitwise when the patches agree), in a third of its time (timed by hand, one CPU device:
     5.4 against 17.6 ms for 64 CIFAR-size images at stride 1). Purify and its BPDA gradient use
     it; the exact inverse stays with `reconstruct_from_patches`."""
     counts = patch_counts(image_shape, patch_size, stride)
@@ -378,7 +378,7 @@ def _sample_patches(key, images, n_patches: int, patch_size: int, stride: int):
 # times per run, not once per cluster: every set up to this many patches, and the largest set,
 # share one size; sets between are padded to the next power of two (at most 2x the work). In
 # the smoke config's 10 clusters of 49-980 patches, per-cluster compiles took 33 of the 95 s
-# (ad hoc, jax_log_compiles, 2026-11-28).
+# of a run on a 2-core CPU (counted with jax_log_compiles).
 PAD_FLOOR = 4096
 
 
@@ -514,8 +514,8 @@ def rebuild_per_image(dictionaries, cluster_idx, support, values, shape, patch_s
     rows, values = rows.reshape(n * n_patches, sparsity), values.reshape(n * n_patches, sparsity)
     # Coded in chunks under a loop of at least 2 steps (XLA drops a loop of one), so the patches
     # are materialised once before the overlap average. Left to fuse into it, XLA's CPU backend
-    # wrote each atom's gather to memory and read it back twice (ad-hoc timings of the whole
-    # rebuild: 60–70 ms instead of 24 ms for 32 CIFAR-size images, 24 ms instead of 3 ms for 4
+    # wrote each atom's gather to memory and read it back twice (hand timings of the whole
+    # rebuild on a 2-core CPU: 60–70 ms instead of 24 ms for 32 CIFAR-size images, 24 ms instead of 3 ms for 4
     # images of 128×128).
     chunk = min(image_chunk * n_patches, -(-n * n_patches // 2))
     patches = parallel.chunked_map(

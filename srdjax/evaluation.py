@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 
 from srdjax import attacks, parallel, stages
 from srdjax.attacks import whole_defense
-from srdjax import purifier as purifier_lib
 from srdjax.attacks.whole_defense import Classifier, Defense, defense_logits, sharded_attack
 from srdjax.checks import check
 from srdjax.data import class_balanced_subset, load_dataset
@@ -199,7 +198,7 @@ def load_defenses(workdir, s: Settings, mesh=None):
     classifiers = {st: Classifier(*stages.load_classifier(ctx, st)) for st in sorted(wanted)}
     purifier = None
     if any(DEFENSES[n][0] == "purify" for n in s.defenses):
-        purifier = parallel.replicate(ctx.mesh, purifier_lib.load_purifier(workdir, ctx.mesh))
+        purifier = parallel.replicate(ctx.mesh, stages.build_purifier(ctx))
     built = {n: make_defense(n, classifiers[DEFENSES[n][1]], purifier, s) for n in s.defenses}
     source = make_defense("none", classifiers["baseline"]) if "baseline" in classifiers else None
     return ctx, built, source

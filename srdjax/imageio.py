@@ -1,4 +1,4 @@
-"""Image files in and out for `purify.py`: reading, writing atomically, grids, tables.
+"""Image files in and out: reading PNG/JPEG/npz inputs, writing PNGs atomically, grids.
 
 All inputs are read and checked before anything is written, so a bad file leaves no partial
 output; every output file is written under a temporary name and renamed.
@@ -73,7 +73,7 @@ def write_png(path: Path, image_u8: np.ndarray) -> None:
 
 
 def save_grid(path: Path, before: np.ndarray, after: np.ndarray, n: int = 8) -> None:
-    """Rows: original, purified, |difference| ×4 (as in the README's figure)."""
+    """Rows: original, purified, |difference| ×4 (as in docs/figures/quick_purify_grid.png)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -93,56 +93,3 @@ def save_grid(path: Path, before: np.ndarray, after: np.ndarray, n: int = 8) -> 
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
-
-
-def purify_files(args) -> int:
-    """purify.py's work: purify (and optionally classify) images on a mesh of every device.
-
-    Batches are split over all devices (all processes' when started with --coordinator etc.:
-    every process reads the same inputs, process 0 alone writes and prints).
-    """
-    from srdjax import parallel, stages, training
-    from srdjax import purifier as purifier_lib
-    from srdjax.data import Dataset
-    check(args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}")
-    names, images = collect_inputs(args.inputs)  # cheap, so bad inputs fail before loading
-    mesh = parallel.make_mesh()
-    purifier = purifier_lib.load_purifier(args.checkpoint, mesh)
-    h, w = purifier.options.image_size
-    check(images.shape[1:3] == (h, w), f"images are {images.shape[1]}x{images.shape[2]} but "
-                                       f"checkpoint {args.checkpoint} serves {h}x{w} images")
-    main = parallel.is_main_process()
-    purified, chosen = purifier_lib.purify_uint8(purifier, images, mesh, args.batch_size)
-    preds = {}
-    if args.classify:
-        _, ctx = purifier_lib._context(args.checkpoint, mesh)
-        classes = stages.class_names(ctx.config)
-        for stage in ("baseline", "robust"):
-            graphdef, params, stats = stages.load_classifier(ctx, stage)
-            predict = training.make_predict(graphdef, mesh)
-            for label, ims in (("raw", images), ("purified", purified)):
-                logits, _ = training.predict_dataset(
-                    predict, params, stats, Dataset(ims, np.zeros(len(ims), np.int32), classes),
-                    mesh, args.batch_size)
-                preds[f"{stage}/{label}"] = logits.argmax(-1)
-    if not main:
-        return 0
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, im in zip(names, purified):
-        write_png(out_dir / f"{name}.png", im)
-    print(f"wrote {len(names)} purified images to {out_dir} ({mesh.size} device(s))")
-    if args.grid:
-        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-        save_grid(Path(args.grid), images, purified)
-        print(f"wrote {args.grid}")
-    if args.classify:
-        cluster_class = parallel.to_host(purifier.clusters.class_ids)[chosen]
-        header = ["image", "cluster (class)"] + list(preds)
-        print(" | ".join(header))
-        print(" | ".join("---" for _ in header))
-        for j, name in enumerate(names):
-            row = [name, f"{chosen[j]} ({classes[cluster_class[j]]})"]
-            row += [classes[preds[key][j]] for key in preds]
-            print(" | ".join(row))
-    return 0

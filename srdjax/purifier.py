@@ -12,6 +12,8 @@ pytree, so `purify` can be called from, and traced into, other jitted JAX code.
 extraction, least squares on the fixed support, overlap averaging), and the backward pass is the
 exact gradient of that linear map; the choices themselves (argmin, atom selection) pass no
 gradient and the final clip is straight-through.
+
+Loading a trained workdir as a purifier or a defense is `srdjax.loading`'s (it knows the stages).
 """
 from __future__ import annotations
 
@@ -308,52 +310,3 @@ def options_from_config(config) -> PurifyOptions:
                          lam=float(f.lam), pad=f.pad, sigma=float(f.sigma),
                          distance=config.cluster.distance,
                          image_chunk=config.purify.image_chunk)
-
-
-def _context(checkpoint_dir, mesh=None):
-    from srdjax import stages
-    config = stages.load_config(checkpoint_dir)
-    config.workdir = str(checkpoint_dir)  # the directory may have moved since training
-    return stages, stages.Context(config, mesh)
-
-
-def load_purifier(checkpoint_dir, mesh=None) -> Purifier:
-    """The purifier of a finished `train.py` run: its robust model, clusters and dictionaries."""
-    stages, ctx = _context(checkpoint_dir, mesh)
-    from srdjax import parallel
-    graphdef, params, stats = stages.load_classifier(ctx, "robust")
-    cluster_set, _, _ = stages.load_clusters(ctx)
-    # Everything replicated on the mesh, like the model's parameters.
-    cluster_set = parallel.replicate(ctx.mesh, cluster_set)
-    dictionaries = parallel.replicate(ctx.mesh, jnp.asarray(stages.load_dictionaries(ctx)))
-    return make_purifier(graphdef, params, stats, cluster_set, dictionaries,
-                         options_from_config(ctx.config))
-
-
-def load_defense(checkpoint_dir, classifier: str = "baseline", mesh=None):
-    """The whole defense as one function images → logits (purify, then classify).
-
-    The function checks its images like `purify` (NHWC floats in [0, 1] of the purifier's size,
-    finite; values only when concrete) and then calls its jitted body, `fn.unchecked`, which
-    code already inside `jit` or an attack loop may call directly. Its gradient is the BPDA
-    gradient (see `purify_bpda`), so any gradient attack applies to it as it would to a bare
-    model. `classifier` is "baseline" or "robust"."""
-    from srdjax.checks import SrdjaxError
-    if classifier not in ("baseline", "robust"):
-        raise SrdjaxError(f"classifier must be 'baseline' or 'robust', got {classifier!r}")
-    stages, ctx = _context(checkpoint_dir, mesh)
-    purifier = load_purifier(checkpoint_dir, mesh)
-    graphdef, params, stats = stages.load_classifier(ctx, classifier)
-
-    @jax.jit
-    def unchecked(x):
-        return defense_logits(purifier,
-                              lambda im: apply_model(graphdef, params, stats, im)[0], x)
-
-    def logits_fn(x):
-        check_input(purifier, x)
-        return unchecked(x)
-
-    logits_fn.unchecked = unchecked
-    logits_fn.purifier = purifier
-    return logits_fn

@@ -15,7 +15,8 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from srdjax import clusters, config_checks, dictionary, frequency, parallel, robust
+from srdjax import clusters, config_checks, dictionary, frequency, imageio, parallel, robust
+from srdjax import purifier as purifier_lib
 from srdjax.checkpoints import StageStore, atomic_write_json
 from srdjax.checks import SrdjaxError, check, check_output_dir
 from srdjax.data import Dataset, load_dataset
@@ -258,16 +259,26 @@ def run_pgd_at(ctx: Context, stop_after_steps=None):
     return _run_robust(ctx, "pgd_at", 0.0, stop_after_steps)
 
 
+def build_purifier(ctx: Context) -> purifier_lib.Purifier:
+    """The purifier of a workdir whose stages are done: its robust model, clusters and
+    dictionaries, replicated on the mesh like the model's parameters."""
+    graphdef, params, stats = load_classifier(ctx, "robust")
+    cluster_set, _, _ = load_clusters(ctx)
+    cluster_set = parallel.replicate(ctx.mesh, cluster_set)
+    dictionaries = parallel.replicate(ctx.mesh, jax.numpy.asarray(load_dictionaries(ctx)))
+    return purifier_lib.make_purifier(graphdef, params, stats, cluster_set, dictionaries,
+                                      purifier_lib.options_from_config(ctx.config))
+
+
 def run_purify(ctx: Context, stop_after_steps=None):
     """Stage 5 on the test set: purify every test image and report what it does to the
     baseline and robust classifiers, and how often the chosen cluster is of the true class."""
-    from srdjax import imageio
-    from srdjax import purifier as pur
     store = ctx.store("purify")
     test = ctx.dataset("test")
-    purifier = pur.load_purifier(ctx.workdir, ctx.mesh)
+    purifier = build_purifier(ctx)
     bs = ctx.config.eval_batch_size
-    purified, chosen = pur.purify_uint8(purifier, test.x, ctx.mesh, bs, desc="purify test set")
+    purified, chosen = purifier_lib.purify_uint8(purifier, test.x, ctx.mesh, bs,
+                                                 desc="purify test set")
     summary = {"n_test": len(test),
                "cluster_of_true_class": float(np.mean(
                    np.asarray(purifier.clusters.class_ids)[chosen] == test.y))}

@@ -1,12 +1,12 @@
 """XLA flags that must be set before jax is imported (entry points and tests call this first).
 
 - Host (CPU) devices: one XLA CPU device keeps about 1.6 of 2 cores busy; splitting each batch
-  over one device per core trains 1.7x faster here (quick config: 0.63-0.72 s per step on 2
+  over one device per core trains 1.7x faster on a 2-core x86-64 CPU (quick config: 0.63-0.72 s per step on 2
   devices against 1.2 s on one). So on a machine with 2+ cores srdjax asks XLA for 2 host
   devices unless SRDJAX_HOST_DEVICES (or XLA_FLAGS) says otherwise; SRDJAX_HOST_DEVICES=1 turns
   it off. GPUs and TPUs are unaffected: the mesh is built from the default backend's devices.
-  Two long runs with 2 host devices once stopped in an all-reduce rendezvous while many steps
-  were queued; `training.fit` now waits for each step before dispatching the next.
+  With many steps queued, 2 host devices can stop in XLA's all-reduce rendezvous, so
+  `training.fit` waits for each step before dispatching the next.
 - A longer collective timeout (600 s) than XLA's 40 s, which aborts runs on a merely
   oversubscribed machine; a real deadlock still ends, with XLA's message, instead of hanging.
 - JAX's persistent compilation cache, for the entry points: a program that took over a second

@@ -22,7 +22,7 @@ if "SRDJAX_COMPILATION_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, _cache, True)
 # Every program, not only those over JAX's default 1 s of compile time: the tests run the smoke
 # pipeline in several processes, and its many small programs (per-cluster dictionary steps, data
-# pipeline, init) are most of its run time. Ad hoc, 2026-11-28: a second smoke run in a new
+# pipeline, init) are most of its run time. On a 2-core CPU a second smoke run in a new
 # process took 22 s with every program cached, 49 s with the default, 89-95 s with no cache.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 

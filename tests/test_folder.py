@@ -121,12 +121,12 @@ def _folder_config(root, workdir):
 
 
 def test_every_stage_runs_on_a_folder_at_64px_then_purifies(folder, tmp_path):
+    from srdjax import loading, stages
     from srdjax import purifier as purifier_lib
-    from srdjax import stages
     root, _ = folder
     summary = stages.run(_folder_config(root, tmp_path / "run"))
     assert set(summary) == {"baseline", "cluster", "dictionaries", "robust", "pgd_at", "purify"}
-    p = purifier_lib.load_purifier(tmp_path / "run")
+    p = loading.load_purifier(tmp_path / "run")
     x = load_folder(root, "test", (64, 64), test_fraction=0.25).x[:4].astype(np.float32) / 255
     out, chosen = purifier_lib.purify(p, x, return_cluster=True)
     out = np.asarray(out)

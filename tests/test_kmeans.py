@@ -21,6 +21,7 @@ from sklearn.metrics import silhouette_score as sk_silhouette
 from threadpoolctl import threadpool_limits
 
 from srdjax import kmeans as km
+from srdjax import kmeans_lloyd
 from srdjax.checks import SrdjaxError
 
 DATA = Path(os.environ.get("SRDJAX_DATA_DIR")
@@ -191,7 +192,7 @@ def test_compact_gives_the_indices_of_nonzero(fraction):
     flags = np.random.default_rng(1).random(1000) < fraction
     want = np.zeros(1024, np.int32)
     want[:flags.sum()] = np.flatnonzero(flags)
-    np.testing.assert_array_equal(np.asarray(km._compact(jnp.asarray(flags), 1024)), want)
+    np.testing.assert_array_equal(np.asarray(kmeans_lloyd._compact(jnp.asarray(flags), 1024)), want)
 
 
 @pytest.mark.parametrize("call, match", [
