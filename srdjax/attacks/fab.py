@@ -119,10 +119,6 @@ class _FabGoal(NamedTuple):
     ids: jax.Array        # each row's id: its random starts are keyed by it
 
 
-def _predicted(fn, x):
-    return jnp.argmax(fn(x), axis=-1)
-
-
 def _fab_body(settings, g, i, carry):
     norm, alpha_max, eta, beta = settings
     x1, best, res = carry
@@ -138,7 +134,7 @@ def _fab_body(settings, g, i, carry):
     b = jnp.sum(w * flat(x1), axis=1) - diff.astype(x1.dtype)
     x_new = fab_step(flat(x1), flat(g.x), w, b, norm=norm, alpha_max=alpha_max, eta=eta)
     x_new = jnp.reshape(x_new, x1.shape)
-    adversarial = _predicted(g.fn, x_new) != g.y
+    adversarial = jnp.argmax(g.fn(x_new), axis=-1) != g.y
     size = _size(x_new - g.x, norm)
     closer = adversarial & (size < res)
     best = jnp.where(_per_sample(closer, best), x_new, best)
