@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from srdjax import parallel
-from srdjax.attacks.inputs import _check_count, _check_inputs, _check_key
-from srdjax.attacks.loops import _HOST, _apply, _compiled, _loop, _rows_like, _Step
-from srdjax.attacks.norms import _per_sample
+from srdjax.attacks.inputs import _check_count, _check_ids, _check_inputs, _check_key
+from srdjax.attacks.loops import (_HOST, _active_rows, _apply, _compiled, _loop, _row_ids,
+                                  _rows_like, _Step)
+from srdjax.attacks.norms import _per_sample, row_keys
 from srdjax.checks import SrdjaxError, check, is_concrete
 
 # ------------------------------------------------------------ projection onto a hyperplane ∩ box
@@ -154,17 +155,14 @@ def _fab_start(settings, g, run):
     """Run `run`'s start: x0 for a target's first run, else a random point at eps / 2 in the norm
     (AutoAttack's restarts), drawn per row from fold_in(fold_in(key, run), id)."""
     norm = settings[0]
-    key = jax.random.fold_in(g.key, run)
 
-    def one(row_id, x0):
-        k = jax.random.fold_in(key, row_id)
+    def one(key):
         if norm == "linf":
-            t = jax.random.uniform(k, x0.shape, x0.dtype, -1.0, 1.0)
-        else:
-            t = jax.random.normal(k, x0.shape, x0.dtype)
-        return t / jnp.maximum(_size(t[None], norm)[0], 1e-12)
+            return jax.random.uniform(key, g.x.shape[1:], g.x.dtype, -1.0, 1.0)
+        return jax.random.normal(key, g.x.shape[1:], g.x.dtype)
 
-    noise = jax.vmap(one)(g.ids, g.x)
+    noise = jax.vmap(one)(row_keys(jax.random.fold_in(g.key, run), g.ids))
+    noise = noise / _per_sample(jnp.maximum(_size(noise, norm), 1e-12), noise)
     start = jnp.clip(g.x + 0.5 * g.eps * noise, 0.0, 1.0)
     return jnp.where(run % settings[-1] == 0, g.x, start)
 
@@ -195,25 +193,23 @@ def _fab_clean(settings, consts, x):
 
 def _fab_host(g, targets, done, settings, steps, runs):
     """The targets in order from the host, each run only on the rows still unbroken: the batch
-    shrinks when they fit in half of it (to a multiple of an eighth of it), so at most four
-    shapes compile; padding repeats a row, whose copies evolve identically."""
-    n, parts = g.x.shape[0], parallel.row_parts(g.x)
-    quantum = -(-max(1, -(-n // 8)) // parts) * parts
+    shrinks when they fit in half of it (`_active_rows`' padding), so at most four shapes
+    compile."""
     host = {name: np.asarray(getattr(g, name)) for name in ("x", "y", "ids")}
     targets, done, out = np.asarray(targets), np.array(done), np.array(g.x)
-    size = n
+    size = len(done)
     for run in range(targets.shape[1] * runs):
-        active = np.nonzero(~done)[0]
-        if active.size == 0:
+        if done.all():
             break
-        if -(-active.size // quantum) * quantum <= size // 2:
-            size = -(-active.size // quantum) * quantum
-        rows = np.concatenate([active, np.full(size - active.size, active[-1])])
+        rows, real = _active_rows(~done, parallel.row_parts(g.x))
+        if len(rows) > size // 2:
+            rows = np.concatenate([rows[:real], np.full(size - real, rows[0])])
+        size = len(rows)
         sub = g._replace(target=_rows_like(targets[rows, run // runs], g.x),
                          **{name: _rows_like(v[rows], g.x) for name, v in host.items()})
-        adv, broken = (np.asarray(a)[:active.size] for a in _fab_run(sub, run, settings, steps))
-        out[active[broken]] = adv[broken]
-        done[active[broken]] = True
+        adv, broken = (np.asarray(a)[:real] for a in _fab_run(sub, run, settings, steps))
+        out[rows[:real][broken]] = adv[broken]
+        done[rows[:real][broken]] = True
     return _rows_like(out, g.x)
 
 
@@ -221,7 +217,7 @@ def _fab_impl(fn, x, y, eps, key, ids, *, norm, steps, n_target_classes, restart
               eta, beta):
     targets, correct = _apply(_fab_clean, (n_target_classes,), (fn, y), x)
     settings = (norm, alpha_max, eta, beta, restarts)
-    g = _FabGoal(fn, x, y, targets[:, 0], jnp.asarray(eps, x.dtype), key, ids)
+    g = _FabGoal(fn, x, y, targets[:, 0], jnp.asarray(eps, x.dtype), key, _row_ids(ids, x))
     if _HOST.get() and is_concrete(x) and jax.process_count() == 1:
         return jax.lax.stop_gradient(_fab_host(g, targets, ~correct, settings, steps, restarts))
 
@@ -255,11 +251,7 @@ def fab_targeted(logits_fn, x, y, *, eps, key, norm="linf", steps=100, n_target_
     check(0 <= alpha_max <= 1 and eta > 0 and 0 < beta <= 1,
           f"FAB needs alpha_max in [0, 1], eta > 0 and beta in (0, 1], got {alpha_max}, {eta}, "
           f"{beta}")
-    n = jnp.shape(x)[0]
-    if ids is None:
-        ids = np.arange(n, dtype=np.int32)
-        ids = _rows_like(ids, x) if is_concrete(x) else jnp.asarray(ids)
-    check(jnp.shape(ids) == (n,), f"ids must have shape ({n},), got {jnp.shape(ids)}")
+    _check_ids(ids, jnp.shape(x)[0])
     return _fab(logits_fn, x, y, eps, key, ids, norm=norm, steps=steps,
                 n_target_classes=n_target_classes, restarts=restarts,
                 alpha_max=float(alpha_max), eta=float(eta), beta=float(beta))
