@@ -18,11 +18,11 @@ min(μ|w_i|, room_i) (L2), and the level is the smallest one reaching c (the box
 when none does, as the official code does).
 
 Against fra31/auto-attack's fab_base.py / fab_projections.py: the projections find the level by
-a count over the sorted breakpoints instead of a binary search (the same answer: a float64 port
-of the official projections agreed to 1e-11, and of its FAB-T to 1e-15 on a small MLP); a
-broken image's verdict reads the distance recorded when its iterate was found misclassified
-instead of a second forward pass (the same for a deterministic logits_fn); the random starts of
-restarts > 1 are drawn per image id instead of from one global seed.
+bisection over the floats instead of a binary search over sorted breakpoints (the same answer: a
+float64 port of the official projections agreed to 1e-11, and of its FAB-T to 1e-15 on a small
+MLP); a broken image's verdict reads the distance recorded when its iterate was found
+misclassified instead of a second forward pass (the same for a deterministic logits_fn); the
+random starts of restarts > 1 are drawn per image id instead of from one global seed.
 """
 from __future__ import annotations
 
@@ -44,19 +44,28 @@ from srdjax.checks import SrdjaxError, check, is_concrete
 
 def _fill_level(v, q, c):
     """Per row, the smallest level λ >= 0 with sum_i v_i min(λ, q_i) >= c (v, q >= 0; q may be
-    inf where v = 0); inf where even λ = max q falls short. Rows of v, q: [n, D]; c: [n]."""
-    q, v = jax.lax.sort((q, v), dimension=1, num_keys=1)
-    n = q.shape[0]
-    below = jnp.cumsum(jnp.where(v > 0, v * q, 0.0), axis=1)    # sum of the j <= k, saturated
-    suffix = jnp.flip(jnp.cumsum(jnp.flip(v, 1), axis=1), 1)     # sum of v_j, j >= k
-    above = jnp.concatenate([suffix[:, 1:], jnp.zeros((n, 1), v.dtype)], axis=1)
-    reached = below + jnp.where(above > 0, q * above, 0.0)      # the sum at level q_(k)
-    k = jnp.sum(reached < c[:, None], axis=1)                    # levels that fall short
-    rows = jnp.arange(n)
-    saturated = jnp.where(k > 0, below[rows, jnp.maximum(k - 1, 0)], 0.0)
-    free = suffix[rows, jnp.minimum(k, q.shape[1] - 1)]
-    level = jnp.maximum((c - saturated) / jnp.where(free > 0, free, 1.0), 0.0)
-    return jnp.where(k >= q.shape[1], jnp.inf, level)
+    inf where v = 0); inf where even λ = max q falls short. Rows of v, q: [n, D]; c: [n].
+
+    Bisection over the bit patterns of non-negative floats (ordered as the floats are) pins λ
+    between two adjacent floats, which fixes the set of saturated coordinates; the level is then
+    solved exactly on that piece. No sort: on a 2-core CPU, XLA's sort of 128 rows of 3072 took
+    over ten times as long as a whole projection this way (ad hoc timing: 226 ms, 9-18 ms)."""
+    used = v > 0
+    total = jnp.sum(jnp.where(used, v * q, 0.0), axis=1)
+    ints = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[q.dtype.itemsize]
+    as_float = lambda bits: jax.lax.bitcast_convert_type(bits, q.dtype)
+    lo = jnp.zeros(c.shape, ints)
+    hi = jax.lax.bitcast_convert_type(jnp.max(jnp.where(used, q, 0.0), axis=1), ints)
+    for _ in range(8 * q.dtype.itemsize):
+        mid = lo + (hi - lo) // 2
+        reached = jnp.sum(v * jnp.minimum(as_float(mid)[:, None], q), axis=1) >= c
+        lo, hi = jnp.where(reached, lo, mid), jnp.where(reached, mid, hi)
+    lo, hi = as_float(lo), as_float(hi)
+    saturated = q <= lo[:, None]
+    fixed = jnp.sum(jnp.where(saturated & used, v * q, 0.0), axis=1)
+    free = jnp.sum(jnp.where(saturated, 0.0, v), axis=1)
+    level = jnp.clip((c - fixed) / jnp.where(free > 0, free, 1.0), lo, hi)
+    return jnp.where(total < c, jnp.inf, level)
 
 
 def _oriented(t, w, b):
