@@ -1,7 +1,7 @@
-"""Adversarial attacks built from small parts: FGSM, PGD (L∞/L2), CW, APGD and Square.
+"""Adversarial attacks built from small parts: FGSM, PGD (L∞/L2), CW, APGD, FAB-T and Square.
 
 One module per idea: `losses` (CE, margin, DLR), `norms` (start, step, projection), `loops` (how
-an attack's loop runs, and `Best`), `gradient` (FGSM, PGD, CW), `autopgd` (APGD),
+an attack's loop runs, and `Best`), `gradient` (FGSM, PGD, CW), `autopgd` (APGD), `fab` (FAB-T),
 `square_attack` (Square) and `registry` (the attacks by name). `whole_defense` (the attacks on a
 whole defense: BPDA, the cluster selector, the surrogate, EOT) is above the purifier and is not
 imported here: `import srdjax.attacks.whole_defense` explicitly.
@@ -35,6 +35,7 @@ import types
 from srdjax.attacks import loops as _loops
 from srdjax.attacks import square_attack as _square_attack
 from srdjax.attacks.autopgd import ApgdState, apgd, apgd_checkpoints
+from srdjax.attacks.fab import fab_targeted
 from srdjax.attacks.gradient import cw, fgsm, pgd, pgd_on_loss
 from srdjax.attacks.loops import LOOPS, UNROLL_MAX, Best
 from srdjax.attacks.losses import (LOSSES, ce_loss, dlr_loss, margin_loss, targeted_ce_loss,
@@ -45,7 +46,7 @@ from srdjax.attacks.square_attack import SQUARE_COMPACT_EVERY, square, square_si
 
 __all__ = ["ATTACKS", "ApgdState", "Best", "LOOPS", "LOSSES", "NORMS", "Norm",
            "SQUARE_COMPACT_EVERY", "UNROLL_MAX", "apgd", "apgd_checkpoints", "attack_by_name", "ce_loss", "cw",
-           "dlr_loss", "fgsm", "margin_loss", "pgd", "pgd_on_loss", "square", "square_sizes",
+           "dlr_loss", "fab_targeted", "fgsm", "margin_loss", "pgd", "pgd_on_loss", "square", "square_sizes",
            "targeted_ce_loss", "targeted_dlr_loss", "targeted_margin_loss"]
 
 # Settings read at call time by the module that uses them; setting them here sets them there.

@@ -5,6 +5,7 @@ import functools
 from typing import Callable
 
 from srdjax.attacks.autopgd import apgd
+from srdjax.attacks.fab import fab_targeted
 from srdjax.attacks.gradient import cw, fgsm, pgd
 from srdjax.attacks.square_attack import square
 from srdjax.checks import check
@@ -18,6 +19,7 @@ ATTACKS = {
     "apgd-ce": functools.partial(apgd, loss="ce", steps=100),
     "apgd-dlr": functools.partial(apgd, loss="dlr", steps=100),
     "square": functools.partial(square, n_queries=1000),
+    "fab-t": functools.partial(fab_targeted, steps=100, n_target_classes=9),
 }
 
 
