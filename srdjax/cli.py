@@ -212,8 +212,8 @@ def _parse_value(name: str, text: str, old):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        check(not isinstance(old, (tuple, list)),
-              f"--config.{name} must be a Python tuple such as ('a', 'b'), got {text!r}")
+        if isinstance(old, (tuple, list)):  # fgsm,pgd20: a tuple of words
+            return tuple(part.strip() for part in text.split(",") if part.strip())
         return text
     if isinstance(old, (tuple, list)) and not isinstance(value, (tuple, list)):
         value = (value,)
