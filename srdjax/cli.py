@@ -74,7 +74,8 @@ def train_main(config) -> int:
     summaries = stages.run(config)
     if parallel.is_main_process():
         for name, s in summaries.items():
-            shown = {k: v for k, v in s.items() if isinstance(v, (int, float)) and k != "fingerprint"}
+            shown = {k: v for k, v in s.items()
+                     if isinstance(v, (int, float)) and k != "fingerprint"}
             print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in shown.items()))
     return 0
@@ -150,8 +151,9 @@ def purify_main(argv) -> int:
         out = Path(args.output).expanduser().resolve()
         for item in map(Path, args.inputs):
             folder = item.resolve() if item.is_dir() else item.resolve().parent
-            check(folder != out or item.suffix.lower() == ".npz", f"--output {args.output} holds input {item}: the purified "
-                                 f"images would overwrite the originals; choose another folder")
+            check(folder != out or item.suffix.lower() == ".npz",
+                  f"--output {args.output} holds input {item}: the purified images would "
+                  f"overwrite the originals; choose another folder")
         if args.grid:
             check_output_file(args.grid, "--grid", (".png",))
         from srdjax import imageio, parallel, stages
