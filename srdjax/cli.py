@@ -74,7 +74,8 @@ def train_main(config) -> int:
     summaries = stages.run(config)
     if parallel.is_main_process():
         for name, s in summaries.items():
-            shown = {k: v for k, v in s.items() if isinstance(v, (int, float)) and k != "fingerprint"}
+            shown = {k: v for k, v in s.items()
+                     if isinstance(v, (int, float)) and k != "fingerprint"}
             print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in shown.items()))
     return 0
@@ -150,8 +151,9 @@ def purify_main(argv) -> int:
         out = Path(args.output).expanduser().resolve()
         for item in map(Path, args.inputs):
             folder = item.resolve() if item.is_dir() else item.resolve().parent
-            check(folder != out or item.suffix.lower() == ".npz", f"--output {args.output} holds input {item}: the purified "
-                                 f"images would overwrite the originals; choose another folder")
+            check(folder != out or item.suffix.lower() == ".npz",
+                  f"--output {args.output} holds input {item}: the purified images would "
+                  f"overwrite the originals; choose another folder")
         if args.grid:
             check_output_file(args.grid, "--grid", (".png",))
         from srdjax import parallel, purify_files, stages
@@ -212,8 +214,8 @@ def _parse_value(name: str, text: str, old):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        check(not isinstance(old, (tuple, list)),
-              f"--config.{name} must be a Python tuple such as ('a', 'b'), got {text!r}")
+        if isinstance(old, (tuple, list)):  # fgsm,pgd20: a tuple of words
+            return tuple(part.strip() for part in text.split(",") if part.strip())
         return text
     if isinstance(old, (tuple, list)) and not isinstance(value, (tuple, list)):
         value = (value,)

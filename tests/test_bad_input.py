@@ -479,14 +479,14 @@ def test_public_functions_refuse_bad_images(workdir, loaded, entry):
 
 
 def test_checked_and_unchecked_agree_and_checks_skip_under_jit(loaded):
-    """The checks run on concrete images only: under jit and grad (attacks) the checked
-    functions trace through, and equal the documented unchecked ones."""
+    """The checks run on concrete images only: under grad (as in an attack) the checked
+    function traces through (tests/test_purifier.py does the same for purify under jit), and
+    equals the documented unchecked one."""
     purifier, defense = loaded
-    x = _good_images()
+    x = _good_images(2)
     np.testing.assert_array_equal(purifier(x), purifier.unchecked(x))
     np.testing.assert_array_equal(purifier(x), srdjax.purify_unchecked(purifier, x))
     np.testing.assert_allclose(defense(x), defense.unchecked(x), rtol=1e-6)
-    np.testing.assert_allclose(jax.jit(defense)(x), defense(x), rtol=1e-5, atol=1e-5)
     g = jax.grad(lambda im: defense(im)[:, 0].sum())(x)
     assert g.shape == x.shape and bool(jnp.isfinite(g).all())
     # Unchecked, NaN passes through silently: that is why the public functions check.
