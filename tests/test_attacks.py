@@ -215,8 +215,12 @@ def test_an_images_result_does_not_depend_on_its_batch():
         "pgd-l2": lambda u, v, i: attacks.pgd(logits_fn, u, v, eps=0.5, key=KEY, steps=3,
                                               norm="l2", ids=i),
         "apgd": lambda u, v, i: attacks.apgd(logits_fn, u, v, eps=0.05, key=KEY, steps=5, ids=i),
+        "apgd-t": lambda u, v, i: attacks.apgd_targeted(logits_fn, u, v, eps=0.05, key=KEY,
+                                                        steps=3, n_target_classes=2, ids=i),
         "square": lambda u, v, i: attacks.square(logits_fn, u, v, eps=0.05, key=KEY,
                                                  n_queries=20, ids=i),
+        "square-l2": lambda u, v, i: attacks.square(logits_fn, u, v, eps=0.5, key=KEY,
+                                                    n_queries=20, norm="l2", ids=i),
     }
     for name, run in runs.items():
         whole = np.asarray(run(x, y, None))

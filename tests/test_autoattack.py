@@ -9,6 +9,7 @@ import pytest
 from jax.tree_util import Partial
 
 from srdjax import attacks
+from srdjax.attacks import square_l2
 from srdjax.attacks import suite as aa
 from srdjax.checks import SrdjaxError
 
@@ -112,6 +113,80 @@ def test_apgd_t_targets_follow_the_clean_ranking(linear10):
     np.testing.assert_array_equal(attacks.apgd_targets(logits_fn, x, 3),
                                   np.argsort(-logits, axis=1, kind="stable")[:, 1:4])
 
+
+
+def _official_l2_start(x, eps, signs, transposed):
+    """fra31/auto-attack square.py, the L2 start, per image (CHW) with the given draws."""
+    n, h, w, c = x.shape
+    s = h // 5
+    offset = (h - s * 5) // 2
+    out = []
+    for i in range(n):
+        delta, b, vh = np.zeros((c, h, w)), 0, offset
+        for _ in range(h // s):
+            vw = offset
+            for _ in range(w // s):
+                e = square_l2.eta(s).T if transposed[i, b] else square_l2.eta(s)
+                delta[:, vh:vh + s, vw:vw + s] += e[None] * signs[i, b][:, None, None]
+                vw, b = vw + s, b + 1
+            vh += s
+        xi = x[i].transpose(2, 0, 1)
+        out.append(np.clip(xi + delta / (np.sqrt((delta ** 2).sum()) + 1e-12) * eps, 0, 1))
+    return np.stack(out).transpose(0, 2, 3, 1)
+
+
+def _official_l2_step(x, best, eps, s, first, second, signs, transposed):
+    """fra31/auto-attack square.py, one L2 iteration, per image (CHW) with the given draws."""
+    out = []
+    for i in range(len(x)):
+        xi, delta = x[i].transpose(2, 0, 1), (best[i] - x[i]).transpose(2, 0, 1).copy()
+        c = len(xi)
+        (vh, vw), (vh2, vw2) = first[i], second[i]
+        norm_window_1 = np.sqrt((delta[:, vh:vh + s, vw:vw + s] ** 2).sum((-2, -1), keepdims=True))
+        mask = np.zeros_like(xi)
+        mask[:, vh:vh + s, vw:vw + s] = 1.0
+        mask[:, vh2:vh2 + s, vw2:vw2 + s] = 1.0
+        norm_image = np.sqrt((delta ** 2).sum())
+        norm_windows = np.sqrt(((delta * mask) ** 2).sum((-2, -1), keepdims=True))
+        e = square_l2.eta(s).T if transposed[i] else square_l2.eta(s)
+        new = e[None] * signs[i][:, None, None]
+        new = new + delta[:, vh:vh + s, vw:vw + s] / (1e-12 + norm_window_1)
+        new = new / (1e-12 + np.sqrt((new ** 2).sum((-2, -1), keepdims=True))) * np.sqrt(
+            np.maximum(eps ** 2 - norm_image ** 2, 0) / c + norm_windows ** 2)
+        delta[:, vh2:vh2 + s, vw2:vw2 + s] = 0.0
+        delta[:, vh:vh + s, vw:vw + s] = new
+        out.append(np.clip(xi + delta / (np.sqrt((delta ** 2).sum()) + 1e-12) * eps, 0, 1))
+    return np.stack(out).transpose(0, 2, 3, 1)
+
+
+def test_square_l2_start_and_step_match_the_official_code():
+    """The masked, per-image JAX versions against a transcription of the official loops (same
+    draws), on 32x32 images: the start's 5x5 tiling of eta(6), then steps with squares of
+    several sides (odd, as the L2 branch makes them) at random positions."""
+    rng = np.random.default_rng(9)
+    x = rng.uniform(0, 1, (6, 32, 32, 3)).astype(np.float32)
+    eps = 2.0
+    blocks = square_l2.start_blocks(32, 32)
+    assert len(blocks) == 25
+    signs = rng.choice([-1.0, 1.0], (6, 25, 3))
+    transposed = rng.random((6, 25)) < 0.5
+    start = np.asarray(square_l2.start(jnp.asarray(x), eps, jnp.asarray(blocks),
+                                       jnp.asarray(signs), jnp.asarray(transposed)))
+    np.testing.assert_allclose(start, _official_l2_start(x, eps, signs, transposed), atol=1e-6)
+    best = start
+    for s in (25, 9, 5, 3):
+        table, _ = square_l2.eta_table([s], 32, 32)
+        first, second = rng.integers(0, 32 - s, (2, 6, 2))
+        signs, transposed = rng.choice([-1.0, 1.0], (6, 3)), rng.random(6) < 0.5
+        got = square_l2.proposal(jnp.asarray(x), jnp.asarray(best), eps, jnp.asarray(table[0]), s,
+                                 (jnp.asarray(first[:, 0]), jnp.asarray(first[:, 1])),
+                                 (jnp.asarray(second[:, 0]), jnp.asarray(second[:, 1])),
+                                 jnp.asarray(signs), jnp.asarray(transposed))
+        want = _official_l2_step(x, best, eps, s, first, second, signs, transposed)
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, err_msg=f"side {s}")
+        norms = np.linalg.norm((np.asarray(got) - x).reshape(6, -1), axis=1)
+        assert np.all(norms <= eps * (1 + 1e-5))
+        best = np.asarray(got)
 
 def test_standard_settings_are_the_official_ones():
     # fra31/auto-attack, autoattack.py: AutoAttack.__init__ and set_version("standard").
