@@ -67,6 +67,23 @@ def _box_bounds(t):
     return [(-ti, 1 - ti) for ti in t]
 
 
+def _scipy_projection(t, w, b, norm):
+    """The smallest d (in the norm) with w·(t + d) = b and t + d in [0, 1], by scipy's LP (L∞:
+    min s with |d_j| <= s) or SLSQP's QP (L2); None when no such d exists."""
+    dims = len(t)
+    if norm == "linf":
+        ub = np.block([[np.eye(dims), -np.ones((dims, 1))], [-np.eye(dims), -np.ones((dims, 1))]])
+        ref = linprog(np.r_[np.zeros(dims), 1.0], A_ub=ub, b_ub=np.zeros(2 * dims),
+                      A_eq=np.r_[w, 0.0][None], b_eq=[b - w @ t],
+                      bounds=_box_bounds(t) + [(0, None)], method="highs")
+        return ref.x[:dims] if ref.status == 0 else None
+    ref = minimize(lambda v: 0.5 * v @ v, np.zeros(dims), jac=lambda v: v, bounds=_box_bounds(t),
+                   method="SLSQP", options={"ftol": 1e-14, "maxiter": 1000},
+                   constraints=[{"type": "eq", "fun": lambda v: w @ v - (b - w @ t),
+                                 "jac": lambda v: w}])
+    return ref.x if ref.success and abs(w @ ref.x - (b - w @ t)) < 1e-8 else None
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_projection_matches_scipy(norm):
     t, w, b = _cases(1, 40, 10)
@@ -74,29 +91,14 @@ def test_projection_matches_scipy(norm):
     assert np.all(t + d >= -1e-6) and np.all(t + d <= 1 + 1e-6)
     feasible = 0
     for ti, wi, bi, di in zip(t, w, b, d):
-        if norm == "linf":
-            # min s subject to |d_j| <= s, w·d = b - w·t, t + d in the box.
-            dims = len(ti)
-            ub = np.block([[np.eye(dims), -np.ones((dims, 1))], [-np.eye(dims), -np.ones((dims, 1))]])
-            ref = linprog(np.r_[np.zeros(dims), 1.0], A_ub=ub, b_ub=np.zeros(2 * dims),
-                          A_eq=np.r_[wi, 0.0][None], b_eq=[bi - wi @ ti],
-                          bounds=_box_bounds(ti) + [(0, None)], method="highs")
-            ok, value = ref.status == 0, ref.fun
-        else:
-            ref = minimize(lambda v: 0.5 * v @ v, np.zeros_like(ti), jac=lambda v: v,
-                           bounds=_box_bounds(ti), method="SLSQP",
-                           constraints=[{"type": "eq", "fun": lambda v: wi @ v - (bi - wi @ ti),
-                                         "jac": lambda v: wi}],
-                           options={"ftol": 1e-14, "maxiter": 1000})
-            ok = ref.success and abs(wi @ ref.x - (bi - wi @ ti)) < 1e-8
-            value = np.linalg.norm(ref.x)
-        if ok:
+        ref = _scipy_projection(ti, wi, bi, norm)
+        if ref is not None:
             feasible += 1
             # float32 projections against float64 solvers: 1e-5 relative to the plane's scale.
             assert abs(wi @ (ti + di) - bi) <= 1e-5 * (np.abs(wi).sum() + abs(bi))
-            assert _size(di[None], norm)[0] == pytest.approx(value, abs=2e-5)
+            assert _size(di[None], norm)[0] == pytest.approx(_size(ref[None], norm)[0], abs=2e-5)
             if norm == "l2":     # the L2 projection is unique
-                np.testing.assert_allclose(di, ref.x, atol=2e-5)
+                np.testing.assert_allclose(di, ref, atol=2e-5)
         else:
             # Out of the box's reach: the move to the box corner that goes farthest toward it.
             side = np.sign(wi @ ti - bi) or 1.0
@@ -145,6 +147,27 @@ def test_two_class_linear_model_minimal_perturbation(norm):
                            norm=norm, n_target_classes=1)
     np.testing.assert_allclose(_size(adv - x, norm) / opt, FAB_LINEAR_RATIO, rtol=2e-4)
     assert np.all(np.argmax(np.asarray(adv).reshape(16, -1) @ w, 1) != y)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_two_class_linear_model_at_box_edges(norm):
+    """A third of the pixels at 0 or 1: the box raises the optimum 2-22% above the free-space
+    distance, and FAB's closest point lies within 1% above the box-constrained optimum."""
+    rng = np.random.default_rng(8)
+    w = rng.normal(size=(D, 2))
+    x = rng.uniform(0, 1, (12, D))
+    x[:, :16] = rng.integers(0, 2, (12, 16))
+    y = np.argmax(x @ w, axis=1)
+    dw = w[:, 1 - y] - w[:, y]
+    margin = np.einsum("nd,dn->n", x, w[:, y] - w[:, 1 - y])
+    opt = _size(np.array([_scipy_projection(x[i], dw[:, i], dw[:, i] @ x[i] + margin[i], norm)
+                          for i in range(12)]), norm)
+    free = _boundary_distances(w, np.zeros(2), x, y, norm).min(1)
+    assert np.all(opt > 1.02 * free)
+    adv = fab.fab_targeted(_linear(w, np.zeros(2)), jnp.asarray(x.reshape((12,) + SHAPE)),
+                           jnp.asarray(y), eps=10.0, key=KEY, norm=norm, n_target_classes=1)
+    ratio = _size(np.asarray(adv).reshape(12, -1) - x, norm) / opt
+    assert np.all(ratio >= 1 - 1e-5) and np.all(ratio <= 1.01)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -240,8 +263,9 @@ def test_same_result_whatever_batch_sharding_or_loop_mode(mlp, monkeypatch):
     broken = np.argmax(logits_fn(full), 1) != y
     assert 0 < broken.sum() < len(y)
     assert np.all(_size(full - x, "linf") <= 0.015)
-    part = np.asarray(fab.fab_targeted(logits_fn, x[5:9], y[5:9], ids=jnp.arange(5, 9), **kw))
-    np.testing.assert_array_equal(part, full[5:9])
+    # Nine rows: re-batched in multiples of two, padded up to nine at first.
+    part = np.asarray(fab.fab_targeted(logits_fn, x[4:13], y[4:13], ids=jnp.arange(4, 13), **kw))
+    np.testing.assert_array_equal(part, full[4:13])
     mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
     rows = NamedSharding(mesh, PartitionSpec("data"))
     sharded = fab.fab_targeted(logits_fn, jax.device_put(x, rows), jax.device_put(y, rows), **kw)

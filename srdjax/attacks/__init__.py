@@ -37,7 +37,6 @@ import types
 
 from srdjax.attacks import loops as _loops
 from srdjax.attacks import square_attack as _square_attack
-from srdjax.attacks.suite import STANDARD_SUITE, autoattack
 from srdjax.attacks.autopgd import (ApgdState, apgd, apgd_checkpoints, apgd_targeted,
                                     apgd_targets)
 from srdjax.attacks.fab import fab_targeted
@@ -48,12 +47,13 @@ from srdjax.attacks.losses import (LOSSES, ce_loss, dlr_loss, margin_loss, targe
 from srdjax.attacks.norms import NORMS, Norm
 from srdjax.attacks.registry import ATTACKS, attack_by_name
 from srdjax.attacks.square_attack import SQUARE_COMPACT_EVERY, square, square_sizes
+from srdjax.attacks.suite import STANDARD_SUITE, autoattack
 
 __all__ = ["ATTACKS", "ApgdState", "Best", "LOOPS", "LOSSES", "NORMS", "Norm",
-           "SQUARE_COMPACT_EVERY", "STANDARD_SUITE", "autoattack", "UNROLL_MAX", "apgd", "apgd_checkpoints", "apgd_targeted",
-           "apgd_targets", "attack_by_name", "ce_loss", "cw", "dlr_loss", "fab_targeted", "fgsm",
-           "margin_loss", "pgd", "pgd_on_loss", "square", "square_sizes", "targeted_ce_loss",
-           "targeted_dlr_loss", "targeted_margin_loss"]
+           "SQUARE_COMPACT_EVERY", "STANDARD_SUITE", "UNROLL_MAX", "apgd", "apgd_checkpoints",
+           "apgd_targeted", "apgd_targets", "attack_by_name", "autoattack", "ce_loss", "cw",
+           "dlr_loss", "fab_targeted", "fgsm", "margin_loss", "pgd", "pgd_on_loss", "square",
+           "square_sizes", "targeted_ce_loss", "targeted_dlr_loss", "targeted_margin_loss"]
 
 # Settings read at call time by the module that uses them; setting them here sets them there.
 _SETTINGS = {"LOOPS": _loops, "UNROLL_MAX": _loops, "SQUARE_COMPACT_EVERY": _square_attack}

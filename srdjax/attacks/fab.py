@@ -16,6 +16,13 @@ projections are one water-filling problem: with the sign chosen so the iterate m
 w·z by c, coordinate i moves toward its useful box edge by min(λ, room_i) (L∞) or
 min(μ|w_i|, room_i) (L2), and the level is the smallest one reaching c (the box edge everywhere
 when none does, as the official code does).
+
+Against fra31/auto-attack's fab_base.py / fab_projections.py: the projections find the level by
+bisection over the floats instead of a binary search over sorted breakpoints (the same answer: a
+float64 port of the official projections agreed to 1e-11, and of its FAB-T to 1e-15 on a small
+MLP); a broken image's verdict reads the distance recorded when its iterate was found
+misclassified instead of a second forward pass (the same for a deterministic logits_fn); the
+random starts of restarts > 1 are drawn per image id instead of from one global seed.
 """
 from __future__ import annotations
 
@@ -26,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from srdjax import parallel
-from srdjax.attacks.inputs import _check_count, _check_inputs, _check_key
-from srdjax.attacks.loops import _HOST, _apply, _compiled, _loop, _rows_like, _Step
-from srdjax.attacks.norms import _per_sample
+from srdjax.attacks.inputs import _check_count, _check_ids, _check_inputs, _check_key
+from srdjax.attacks.loops import (_HOST, _active_rows, _apply, _compiled, _loop, _row_ids,
+                                  _rows_like, _Step)
+from srdjax.attacks.norms import _per_sample, row_keys
 from srdjax.checks import SrdjaxError, check, is_concrete
 
 # ------------------------------------------------------------ projection onto a hyperplane ∩ box
@@ -36,19 +44,28 @@ from srdjax.checks import SrdjaxError, check, is_concrete
 
 def _fill_level(v, q, c):
     """Per row, the smallest level λ >= 0 with sum_i v_i min(λ, q_i) >= c (v, q >= 0; q may be
-    inf where v = 0); inf where even λ = max q falls short. Rows of v, q: [n, D]; c: [n]."""
-    q, v = jax.lax.sort((q, v), dimension=1, num_keys=1)
-    n = q.shape[0]
-    below = jnp.cumsum(jnp.where(v > 0, v * q, 0.0), axis=1)    # sum of the j <= k, saturated
-    suffix = jnp.flip(jnp.cumsum(jnp.flip(v, 1), axis=1), 1)     # sum of v_j, j >= k
-    above = jnp.concatenate([suffix[:, 1:], jnp.zeros((n, 1), v.dtype)], axis=1)
-    reached = below + jnp.where(above > 0, q * above, 0.0)      # the sum at level q_(k)
-    k = jnp.sum(reached < c[:, None], axis=1)                    # levels that fall short
-    rows = jnp.arange(n)
-    saturated = jnp.where(k > 0, below[rows, jnp.maximum(k - 1, 0)], 0.0)
-    free = suffix[rows, jnp.minimum(k, q.shape[1] - 1)]
-    level = jnp.maximum((c - saturated) / jnp.where(free > 0, free, 1.0), 0.0)
-    return jnp.where(k >= q.shape[1], jnp.inf, level)
+    inf where v = 0); inf where even λ = max q falls short. Rows of v, q: [n, D]; c: [n].
+
+    Bisection over the bit patterns of non-negative floats (ordered as the floats are) pins λ
+    between two adjacent floats, which fixes the set of saturated coordinates; the level is then
+    solved exactly on that piece. No sort: on a 2-core CPU, XLA's sort of 128 rows of 3072 took
+    over ten times as long as a whole projection this way (ad hoc timing: 226 ms, 9-18 ms)."""
+    used = v > 0
+    total = jnp.sum(jnp.where(used, v * q, 0.0), axis=1)
+    ints = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[q.dtype.itemsize]
+    as_float = lambda bits: jax.lax.bitcast_convert_type(bits, q.dtype)
+    lo = jnp.zeros(c.shape, ints)
+    hi = jax.lax.bitcast_convert_type(jnp.max(jnp.where(used, q, 0.0), axis=1), ints)
+    for _ in range(8 * q.dtype.itemsize):
+        mid = lo + (hi - lo) // 2
+        reached = jnp.sum(v * jnp.minimum(as_float(mid)[:, None], q), axis=1) >= c
+        lo, hi = jnp.where(reached, lo, mid), jnp.where(reached, mid, hi)
+    lo, hi = as_float(lo), as_float(hi)
+    saturated = q <= lo[:, None]
+    fixed = jnp.sum(jnp.where(saturated & used, v * q, 0.0), axis=1)
+    free = jnp.sum(jnp.where(saturated, 0.0, v), axis=1)
+    level = jnp.clip((c - fixed) / jnp.where(free > 0, free, 1.0), lo, hi)
+    return jnp.where(total < c, jnp.inf, level)
 
 
 def _oriented(t, w, b):
@@ -119,10 +136,6 @@ class _FabGoal(NamedTuple):
     ids: jax.Array        # each row's id: its random starts are keyed by it
 
 
-def _predicted(fn, x):
-    return jnp.argmax(fn(x), axis=-1)
-
-
 def _fab_body(settings, g, i, carry):
     norm, alpha_max, eta, beta = settings
     x1, best, res = carry
@@ -138,7 +151,7 @@ def _fab_body(settings, g, i, carry):
     b = jnp.sum(w * flat(x1), axis=1) - diff.astype(x1.dtype)
     x_new = fab_step(flat(x1), flat(g.x), w, b, norm=norm, alpha_max=alpha_max, eta=eta)
     x_new = jnp.reshape(x_new, x1.shape)
-    adversarial = _predicted(g.fn, x_new) != g.y
+    adversarial = jnp.argmax(g.fn(x_new), axis=-1) != g.y
     size = _size(x_new - g.x, norm)
     closer = adversarial & (size < res)
     best = jnp.where(_per_sample(closer, best), x_new, best)
@@ -151,17 +164,14 @@ def _fab_start(settings, g, run):
     """Run `run`'s start: x0 for a target's first run, else a random point at eps / 2 in the norm
     (AutoAttack's restarts), drawn per row from fold_in(fold_in(key, run), id)."""
     norm = settings[0]
-    key = jax.random.fold_in(g.key, run)
 
-    def one(row_id, x0):
-        k = jax.random.fold_in(key, row_id)
+    def one(key):
         if norm == "linf":
-            t = jax.random.uniform(k, x0.shape, x0.dtype, -1.0, 1.0)
-        else:
-            t = jax.random.normal(k, x0.shape, x0.dtype)
-        return t / jnp.maximum(_size(t[None], norm)[0], 1e-12)
+            return jax.random.uniform(key, g.x.shape[1:], g.x.dtype, -1.0, 1.0)
+        return jax.random.normal(key, g.x.shape[1:], g.x.dtype)
 
-    noise = jax.vmap(one)(g.ids, g.x)
+    noise = jax.vmap(one)(row_keys(jax.random.fold_in(g.key, run), g.ids))
+    noise = noise / _per_sample(jnp.maximum(_size(noise, norm), 1e-12), noise)
     start = jnp.clip(g.x + 0.5 * g.eps * noise, 0.0, 1.0)
     return jnp.where(run % settings[-1] == 0, g.x, start)
 
@@ -192,25 +202,23 @@ def _fab_clean(settings, consts, x):
 
 def _fab_host(g, targets, done, settings, steps, runs):
     """The targets in order from the host, each run only on the rows still unbroken: the batch
-    shrinks when they fit in half of it (to a multiple of an eighth of it), so at most four
-    shapes compile; padding repeats a row, whose copies evolve identically."""
-    n, parts = g.x.shape[0], parallel.row_parts(g.x)
-    quantum = -(-max(1, -(-n // 8)) // parts) * parts
+    shrinks when they fit in half of it (`_active_rows`' padding), so at most four shapes
+    compile."""
     host = {name: np.asarray(getattr(g, name)) for name in ("x", "y", "ids")}
     targets, done, out = np.asarray(targets), np.array(done), np.array(g.x)
-    size = n
+    size = len(done)
     for run in range(targets.shape[1] * runs):
-        active = np.nonzero(~done)[0]
-        if active.size == 0:
+        if done.all():
             break
-        if -(-active.size // quantum) * quantum <= size // 2:
-            size = -(-active.size // quantum) * quantum
-        rows = np.concatenate([active, np.full(size - active.size, active[-1])])
+        rows, real = _active_rows(~done, parallel.row_parts(g.x))
+        if len(rows) > size // 2:
+            rows = np.concatenate([rows[:real], np.full(size - real, rows[0])])
+        size = len(rows)
         sub = g._replace(target=_rows_like(targets[rows, run // runs], g.x),
                          **{name: _rows_like(v[rows], g.x) for name, v in host.items()})
-        adv, broken = (np.asarray(a)[:active.size] for a in _fab_run(sub, run, settings, steps))
-        out[active[broken]] = adv[broken]
-        done[active[broken]] = True
+        adv, broken = (np.asarray(a)[:real] for a in _fab_run(sub, run, settings, steps))
+        out[rows[:real][broken]] = adv[broken]
+        done[rows[:real][broken]] = True
     return _rows_like(out, g.x)
 
 
@@ -218,7 +226,7 @@ def _fab_impl(fn, x, y, eps, key, ids, *, norm, steps, n_target_classes, restart
               eta, beta):
     targets, correct = _apply(_fab_clean, (n_target_classes,), (fn, y), x)
     settings = (norm, alpha_max, eta, beta, restarts)
-    g = _FabGoal(fn, x, y, targets[:, 0], jnp.asarray(eps, x.dtype), key, ids)
+    g = _FabGoal(fn, x, y, targets[:, 0], jnp.asarray(eps, x.dtype), key, _row_ids(ids, x))
     if _HOST.get() and is_concrete(x) and jax.process_count() == 1:
         return jax.lax.stop_gradient(_fab_host(g, targets, ~correct, settings, steps, restarts))
 
@@ -252,11 +260,7 @@ def fab_targeted(logits_fn, x, y, *, eps, key, norm="linf", steps=100, n_target_
     check(0 <= alpha_max <= 1 and eta > 0 and 0 < beta <= 1,
           f"FAB needs alpha_max in [0, 1], eta > 0 and beta in (0, 1], got {alpha_max}, {eta}, "
           f"{beta}")
-    n = jnp.shape(x)[0]
-    if ids is None:
-        ids = np.arange(n, dtype=np.int32)
-        ids = _rows_like(ids, x) if is_concrete(x) else jnp.asarray(ids)
-    check(jnp.shape(ids) == (n,), f"ids must have shape ({n},), got {jnp.shape(ids)}")
+    _check_ids(ids, jnp.shape(x)[0])
     return _fab(logits_fn, x, y, eps, key, ids, norm=norm, steps=steps,
                 n_target_classes=n_target_classes, restarts=restarts,
                 alpha_max=float(alpha_max), eta=float(eta), beta=float(beta))
