@@ -134,7 +134,7 @@ def _apgd_run(goal, start, steps, settings):
     return _loop(steps, step, state)
 
 
-def _keep_first(settings, carry, state):
+def _keep_first(settings, _, carry, state):
     """Per image, the first run's success (or, with best_loss, the strictly higher loss)."""
     best_loss, = settings
     out, score = carry
@@ -164,7 +164,7 @@ def _apgd_impl(fn, x, y, target, eps, key, ids, *, steps, norm, loss, restarts, 
 
     def body(r, carry):
         start = _apply(_start, (norm,), (x, goal.eps, ids), jax.random.fold_in(key, r))
-        return _apply(_keep_first, (best_loss,), carry, _apgd_run(goal, start, steps, settings))
+        return _apply(_keep_first, (best_loss,), (), carry, _apgd_run(goal, start, steps, settings))
 
     n = x.shape[0]
     carry = (x, jnp.full((n,), -jnp.inf if best_loss else 0.0, jnp.float32))
@@ -219,7 +219,7 @@ def _apgd_t_impl(fn, x, y, eps, key, ids, *, steps, norm, n_target_classes, alph
         target = jnp.take(order, order.shape[1] - 2 - t, axis=1)
         goal = _goal(fn, x, y, target, eps, untargeted_success=True)
         start = _apply(_start, (norm,), (x, goal.eps, ids), jax.random.fold_in(key, t))
-        return _apply(_keep_first, (False,), carry, _apgd_run(goal, start, steps, settings))
+        return _apply(_keep_first, (False,), (), carry, _apgd_run(goal, start, steps, settings))
 
     carry = (x, jnp.zeros((x.shape[0],), jnp.float32))
     carry = _loop(n_target_classes, body, carry)

@@ -73,7 +73,8 @@ def autoattack(logits_fn, x, y, *, eps, norm="linf", version="standard", key, id
     standard AutoAttack.
     """
     check(version in VERSIONS, f"unknown AutoAttack version {version!r}; srdjax implements "
-                               f"{', '.join(VERSIONS)}")
+                               f"{', '.join(VERSIONS)} (for a random defense, run it on "
+                               f"attacks.whole_defense.eot_logits)")
     _check_inputs(logits_fn, x, y, eps, None, norm)
     _check_key(key)
     n = jnp.shape(x)[0]
