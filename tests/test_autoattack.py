@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.tree_util import Partial
 
 from srdjax import attacks
@@ -244,6 +245,13 @@ def test_cascade_equals_every_attack_on_every_image(mlp, monkeypatch):
     assert (broken_by[:4] == -2).all() and (broken_by == -1).sum() >= 4
     assert {0, 1, 3} <= set(broken_by.tolist())     # APGD-CE, APGD-T and Square each broke some
     assert np.mean(broken_by == -1) == np.mean(clean & ~np.any(fooled, axis=0))
+    # A batch split over two devices: the same images and verdicts.
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    sharded = attacks.autoattack(fn, jax.device_put(x, rows), jax.device_put(y, rows), eps=eps,
+                                 key=KEY, overrides=CHEAP)
+    np.testing.assert_array_equal(sharded[1], broken_by)
+    np.testing.assert_array_equal(sharded[0], x_aa)
     monkeypatch.setattr(attacks, "UNROLL_MAX", 0)     # loops, not unrolled: a faster compile
     traced = jax.jit(lambda u, v, k: attacks.autoattack(fn, u, v, eps=eps, key=k,
                                                         overrides=CHEAP))(x, y, KEY)
