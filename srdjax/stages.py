@@ -243,13 +243,20 @@ def run_dictionaries(ctx: Context, stop_after_steps=None):
     return summary
 
 
+def twin_section(config, latent_weight: float):
+    """The `robust` section one twin trains with: the config's, with its latent weight (the
+    robust model's λ, or 0 for pgd_at): the only field in which the twins differ."""
+    section = config.robust.copy_and_resolve_references()
+    section.latent_weight = latent_weight
+    return section
+
+
 def _run_robust(ctx: Context, stage: str, latent_weight: float, stop_after_steps=None):
     """Stage 4 (`robust`), and with λ = 0 the adversarial-training comparison model
     (`pgd_at`): the same network, data, attack and budget, both initialised from the baseline
     (which keeps the robust latent in the space the clusters were fitted in), both watched for
     catastrophic overfitting on the same held-out training images."""
-    section = ctx.config.robust.copy_and_resolve_references()
-    section.latent_weight = latent_weight
+    section = twin_section(ctx.config, latent_weight)
     eps, step_size, noise = robust.check_section(section)
     _, params, stats = load_classifier(ctx, "baseline")
     train = ctx.dataset("train")
