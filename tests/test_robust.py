@@ -112,3 +112,19 @@ def test_twins_train_with_the_same_section_but_the_latent_weight(name):
     assert robust_sec.pop("latent_weight") > 0 and pgd_at_sec.pop("latent_weight") == 0
     assert robust_sec == pgd_at_sec
     assert {"robust", "pgd_at"} <= set(config.stages)
+
+
+def test_pgd_check_scores_the_images_attacks_pgd_finds():
+    """The overfitting watch's accuracy is that of srdjax.attacks.pgd's images, in eval mode."""
+    from srdjax import attacks
+    from srdjax.models import apply_model, create_model, split_model
+    from tests.helpers import cifar_test_images
+    graphdef, params, stats = split_model(create_model("small_cnn", 10, 0, widths=(4, 8)))
+    x8, y = cifar_test_images(8)
+    x = jnp.asarray(x8, jnp.float32) / 255
+    key = jax.random.key(5)
+    clean, adv = robust.make_pgd_check(graphdef, EPS, 2 / 255, 3)(params, stats, x, y, key)
+    logits = lambda v: apply_model(graphdef, params, stats, v)[0]
+    x_adv = attacks.pgd(logits, x, y, eps=EPS, key=key, steps=3, step_size=2 / 255)
+    assert float(clean) == pytest.approx(np.mean(np.asarray(logits(x)).argmax(-1) == y))
+    assert float(adv) == pytest.approx(np.mean(np.asarray(logits(x_adv)).argmax(-1) == y))
