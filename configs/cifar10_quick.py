@@ -27,7 +27,8 @@ twins at once, 47 min wall each):
           31.6% PGD-10;
   pgd_at  62.20% clean, held-out 63.4% clean / 30.6% PGD-10
 (the one-epoch PGD-5 twins this replaces: robust 53.39%, pgd_at 53.77% clean). The 4-epoch
-default has not been measured yet. Robustness figures on test images: README "Results" (evaluate.py).
+default has not been measured yet. Robustness figures on test images: README "Results"
+(evaluate.py).
 """
 from configs.common import base_config, cpu_eval
 

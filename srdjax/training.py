@@ -56,7 +56,8 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     elif cfg.schedule == "constant":
         lr = optax.constant_schedule(cfg.lr)
     else:
-        check(False, f"train.schedule must be onecycle, cyclic, cosine or constant, got {cfg.schedule!r}")
+        check(False, f"train.schedule must be onecycle, cyclic, cosine or constant, got "
+                     f"{cfg.schedule!r}")
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
                        optax.sgd(lr, momentum=cfg.momentum, nesterov=cfg.nesterov))
 
