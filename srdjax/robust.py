@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srdjax import attacks, training
+from srdjax import attacks, parallel, training
 from srdjax.checks import check
 from srdjax.models import apply_model
 
@@ -186,3 +186,30 @@ class CollapseGuard:
     def summary(self) -> dict:
         return {"holdout_best_pgd_acc": self.best_acc, "holdout_best_epoch": self.best_epoch,
                 "collapse_at_epoch": self.fired_at, "rolled_back": self.fired_at is not None}
+
+
+def overfitting_watch(graphdef, section, eps: float, x_held, y_held, key, mesh, log):
+    """`stages.train_classifier`'s watch: (per-epoch held-out clean and PGD accuracy, the stop
+    rule of a `CollapseGuard`, and the weights kept: the best epoch's after a collapse)."""
+    check_fn = make_pgd_check(graphdef, eps, float(section.get("check_step_size", 2.0)) / 255.0,
+                              int(section.get("check_steps", 10)))
+    guard = CollapseGuard(section.get("collapse_drop", 0.2), section.get("collapse_floor", 0.0))
+
+    def more(state):
+        clean, adv = check_fn(state.params, state.batch_stats, x_held, y_held, key)
+        return {"holdout_clean_acc": float(clean), "holdout_pgd_acc": float(adv)}
+
+    def stop(epoch, state, row):
+        return guard.update(epoch, row["holdout_pgd_acc"],
+                            {"params": state.params, "batch_stats": state.batch_stats})
+
+    def final(state):
+        summary = {**guard.summary(), "n_holdout": int(y_held.shape[0])}
+        if guard.fired_at is None or guard.best_weights is None:
+            return state.params, state.batch_stats, {**summary, "rolled_back": False}
+        log(f"held-out PGD accuracy collapsed at epoch {guard.fired_at}; keeping epoch "
+            f"{guard.best_epoch} ({guard.best_acc:.3f})")
+        best = parallel.replicate(mesh, guard.best_weights)
+        return best["params"], best["batch_stats"], summary
+
+    return more, stop, final

@@ -276,33 +276,11 @@ def _run_robust(ctx: Context, stage: str, latent_weight: float, stop_after_steps
     def watch(graphdef):
         if not per_class:
             return None, None, None
-        check_fn = robust.make_pgd_check(graphdef, eps, float(section.get("check_step_size",
-                                                                          2.0)) / 255.0,
-                                         int(section.get("check_steps", 10)))
         x_held, y_held = parallel.shard_global(ctx.mesh, train.x[held].astype(np.float32) / 255,
                                                train.y[held])
-        guard = robust.CollapseGuard(section.get("collapse_drop", 0.2),
-                                     section.get("collapse_floor", 0.0))
-
-        def more(state):
-            clean, adv = check_fn(state.params, state.batch_stats, x_held, y_held,
-                                  jax.random.key(ctx.config.seed))
-            return {"holdout_clean_acc": float(clean), "holdout_pgd_acc": float(adv)}
-
-        def stop(epoch, state, row):
-            return guard.update(epoch, row["holdout_pgd_acc"],
-                                {"params": state.params, "batch_stats": state.batch_stats})
-
-        def final(state):
-            summary = {**guard.summary(), "n_holdout": int(len(held))}
-            if guard.fired_at is None or guard.best_weights is None:
-                return state.params, state.batch_stats, {**summary, "rolled_back": False}
-            ctx.log(f"[{stage}] held-out PGD accuracy collapsed at epoch {guard.fired_at}; "
-                    f"keeping epoch {guard.best_epoch} ({guard.best_acc:.3f})")
-            best = parallel.replicate(ctx.mesh, guard.best_weights)
-            return best["params"], best["batch_stats"], summary
-
-        return more, stop, final
+        return robust.overfitting_watch(graphdef, section, eps, x_held, y_held,
+                                        jax.random.key(ctx.config.seed), ctx.mesh,
+                                        lambda m: ctx.log(f"[{stage}] {m}"))
 
     return train_classifier(ctx, stage, section, loss_builder, init=(params, stats),
                             extras=extras, stop_after_steps=stop_after_steps,
