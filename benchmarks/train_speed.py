@@ -76,7 +76,7 @@ def main():
                         "steps": steps_total, "stage_minutes": steps_total * s / 60}
 
     r = config.robust
-    eps, step_size = robust.check_section(r)
+    eps, step_size, noise = robust.check_section(r)
     tx = training.make_optimizer(r, 1000)
     for name, lam in (("pgd_at", 0.0), ("robust", float(r.latent_weight))):
         section = r.copy_and_resolve_references()
@@ -93,7 +93,7 @@ def main():
                 class_ids=jax.numpy.arange(k) % 10, index_in_class=jax.numpy.arange(k) // 10,
                 counts=jax.numpy.ones(k, int)))
             extras = {"cluster": (np.arange(r.batch_size) % k).astype(np.int32)}
-        loss = robust.make_robust_loss(graphdef, section, cs, eps, step_size)
+        loss = robust.make_robust_loss(graphdef, section, cs, eps, step_size, noise)
         step = training.make_train_step(graphdef, tx, loss, mesh, crop_pad=config.data.crop_pad,
                                         flip=config.data.flip)
         # Fresh arrays: the step donates its input state, which may alias `params`.
@@ -102,7 +102,7 @@ def main():
         s, c = time_steps(step, state, mesh, r.batch_size, args.robust_steps, extras)
         steps_total = (n_train // r.batch_size) * r.epochs
         rows[name] = {"s_per_step": s, "compile_s": c, "batch": r.batch_size,
-                      "attack_steps": r.attack_steps, "steps": steps_total,
+                      "attack": r.attack, "attack_steps": r.attack_steps, "steps": steps_total,
                       "stage_minutes": steps_total * s / 60}
     for name, row in rows.items():
         print(f"{name:>9}: {row['s_per_step']:.3f} s/step × {row['steps']} steps = "

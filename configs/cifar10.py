@@ -1,4 +1,5 @@
-"""Paper scale: CIFAR ResNet-18 (11M parameters), PGD-10 adversarial training. For GPUs/TPUs.
+"""Paper scale: CIFAR ResNet-18 (11M parameters), fast (FGSM-RS) adversarial training of the
+robust and PGD-AT twins. For GPUs/TPUs — one ResNet-18 epoch takes about 34 min on a 2-core CPU.
 
     python train.py --config configs/cifar10.py
 
@@ -23,8 +24,15 @@ def get_config():
     c.baseline.schedule = "cosine"
     c.baseline.warmup_fraction = 0.05
     c.baseline.label_smoothing = 0.1
-    c.robust.epochs = 30
+    # Fast adversarial training for both twins (Wong et al. 2020's ResNet recipe: FGSM with a
+    # random start, step 1.25 ε, 15 epochs of a cyclic learning rate), fine-tuned from the
+    # baseline and watched for catastrophic overfitting (configs/common.py): two forward-backward
+    # passes a step instead of PGD-10's eleven.
+    c.robust.attack = "fgsm_rs"
+    c.robust.step_size = 10.0
+    c.robust.epochs = 15
     c.robust.batch_size = 512
-    c.robust.lr = 0.1
-    c.robust.attack_steps = 10
+    c.robust.schedule = "cyclic"
+    c.robust.lr = 0.2
+    c.robust.warmup_fraction = 0.4
     return c

@@ -77,13 +77,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.robust.momentum = 0.9
     c.robust.nesterov = True
     c.robust.weight_decay = 5e-4
-    c.robust.schedule = "cosine"
+    c.robust.schedule = "cosine"     # onecycle | cyclic | cosine | constant
     c.robust.warmup_fraction = 0.1
     c.robust.label_smoothing = 0.0
-    c.robust.attack = "pgd"
+    c.robust.attack = "pgd"          # pgd | fgsm_rs | n_fgsm (srdjax/robust.py)
     c.robust.eps = 8.0               # L∞ budget, in /255 units
-    c.robust.step_size = 2.0         # /255
-    c.robust.attack_steps = 10
+    c.robust.step_size = 2.0         # /255; fgsm_rs: 1.25 ε (Wong et al.), n_fgsm: ε
+    c.robust.attack_steps = 10       # pgd only
+    c.robust.noise = 16.0            # /255, n_fgsm only: uniform noise half-width (2 ε)
+    # Catastrophic-overfitting watch: PGD accuracy on held-out training images (left out of
+    # training) after every epoch; a drop of more than collapse_drop below its best, or a value
+    # under collapse_floor, stops training and keeps the best epoch. 0 per class: no watch.
+    c.robust.holdout_per_class = 50
+    c.robust.check_steps = 10
+    c.robust.check_step_size = 2.0   # /255
+    c.robust.collapse_drop = 0.2
+    c.robust.collapse_floor = 0.0
     c.robust.latent_weight = 0.3     # λ [uGuard]
     c.robust.distance = "sigma"      # sigma | mahalanobis (needs cluster.covariance)
 

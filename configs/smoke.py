@@ -35,6 +35,8 @@ def get_config():
     # ~1.05 in both modes).
     c.robust.latent_weight = 0.001
     c.robust.lr = 0.01
+    c.robust.holdout_per_class = 2   # the overfitting watch runs too (20 images, PGD-2)
+    c.robust.check_steps = 2
     # A tiny evaluation: python evaluate.py --config configs/smoke.py --config.workdir=...
     c.evaluate.test_per_class = 2
     c.evaluate.batch_size = 10

@@ -107,7 +107,7 @@ def _training(**extra) -> dict:
     """The fields shared by the baseline and robust sections (training.make_optimizer)."""
     return {"epochs": integer(1), "batch_size": integer(1), "lr": number(0, above=True),
             "momentum": number(0, 1), "nesterov": boolean, "weight_decay": number(0),
-            "schedule": text("onecycle", "cosine", "constant"), "warmup_fraction": number(0, 1),
+            "schedule": text("onecycle", "cyclic", "cosine", "constant"), "warmup_fraction": number(0, 1),
             "label_smoothing": number(0, 1), **extra}
 
 
@@ -170,8 +170,12 @@ SCHEMA: dict[str, Any] = {
         "method": text("ksvd", "mod"),
     },
     "robust": _training(
-        attack=text("pgd"), eps=number(0, 255), step_size=number(0, 255, above=True),
-        attack_steps=_STEPS, latent_weight=number(0), distance=text("sigma", "mahalanobis")),
+        attack=text("pgd", "fgsm_rs", "n_fgsm"), eps=number(0, 255),
+        step_size=number(0, 255, above=True), attack_steps=_STEPS, noise=number(0, 255),
+        holdout_per_class=integer(0), check_steps=_STEPS,
+        check_step_size=number(0, 255, above=True), collapse_drop=number(0, 1),
+        collapse_floor=number(0, 1), latent_weight=number(0),
+        distance=text("sigma", "mahalanobis")),
     "purify": {
         "image_chunk": integer(0),
     },

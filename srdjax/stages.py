@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from srdjax import clusters, config_checks, dictionary, frequency, imageio, parallel, robust
 from srdjax import purifier as purifier_lib
+from srdjax import data as data_lib
 from srdjax.checkpoints import StageStore, atomic_write_json
 from srdjax.checks import SrdjaxError, check, check_output_dir
 from srdjax.data import Dataset, load_dataset
@@ -72,14 +73,20 @@ def load_classifier(ctx: Context, stage: str):
 
 
 def train_classifier(ctx: Context, stage: str, section, loss_builder, init=None,
-                     extras: dict | None = None, stop_after_steps=None):
+                     extras: dict | None = None, stop_after_steps=None, train_ds=None,
+                     watch=None):
     """Shared body of the baseline and robust stages. `loss_builder(graphdef)` returns the
     per-batch loss for `training.make_train_step`; `init` optionally gives starting
-    (params, batch_stats), e.g. the baseline's for the robust model."""
+    (params, batch_stats), e.g. the baseline's for the robust model; `train_ds` replaces the
+    training split (the robust stages hold some images out). `watch(graphdef)`, when given,
+    returns (evaluate, stop, final): more per-epoch measurements (state -> dict),
+    `training.fit`'s stop rule, and (state -> (params, batch_stats, summary)) choosing the
+    weights the stage keeps."""
     cfg, mesh = ctx.config, ctx.mesh
     store = ctx.store(stage)
     store.check_compatible()
-    train_ds, test_ds = ctx.dataset("train"), ctx.dataset("test")
+    train_ds = ctx.dataset("train") if train_ds is None else train_ds
+    test_ds = ctx.dataset("test")
     check(section.epochs >= 1, f"{stage}.epochs must be >= 1, got {section.epochs}")
     graphdef, params, stats = split_model(build_model(cfg))
     if init is not None:
@@ -91,25 +98,31 @@ def train_classifier(ctx: Context, stage: str, section, loss_builder, init=None,
                                     crop_pad=cfg.data.crop_pad, flip=cfg.data.flip)
     predict = training.make_predict(graphdef, mesh)
     eval_bs = cfg.get("eval_batch_size", 500)
+    more, stop, final = watch(graphdef) if watch is not None else (None, None, None)
 
     def evaluate(state):
         logits, _ = training.predict_dataset(predict, state.params, state.batch_stats, test_ds,
                                              mesh, eval_bs)
-        return {"test_acc": training.accuracy(logits, test_ds.y)}
+        return {"test_acc": training.accuracy(logits, test_ds.y),
+                **(more(state) if more is not None else {})}
 
     state, summary = training.fit(store, state, step, evaluate, train_ds, extras or {}, mesh,
                                   epochs=section.epochs, batch_size=section.batch_size,
-                                  seed=cfg.seed, desc=stage, stop_after_steps=stop_after_steps)
+                                  seed=cfg.seed, desc=stage, stop_after_steps=stop_after_steps,
+                                  stop=stop)
     if stop_after_steps is not None and "stopped_at" in summary:
         return None
+    params, stats = state.params, state.batch_stats
+    if final is not None:
+        params, stats, kept = final(state)
+        summary = {**summary, **kept}
     # The stage's result is the model alone: later stages need no optimizer state.
-    store.save_final({"params": state.params, "batch_stats": state.batch_stats})
+    store.save_final({"params": params, "batch_stats": stats})
     tta = training.make_predict(graphdef, mesh, flip_tta=True)
-    logits, _ = training.predict_dataset(tta, state.params, state.batch_stats, test_ds, mesh,
-                                         eval_bs)
+    logits, _ = training.predict_dataset(tta, params, stats, test_ds, mesh, eval_bs)
     summary = {**summary, "test_acc_flip_tta": training.accuracy(logits, test_ds.y),
                "n_test": len(test_ds), "n_train": len(train_ds),
-               "params": sum(p.size for p in jax.tree.leaves(state.params))}
+               "params": sum(p.size for p in jax.tree.leaves(params))}
     store.mark_done(summary)
     ctx.log(f"[{stage}] test accuracy {summary['test_acc']:.4f} "
             f"(flip TTA {summary['test_acc_flip_tta']:.4f}) on {len(test_ds)} test images")
@@ -231,24 +244,48 @@ def run_dictionaries(ctx: Context, stop_after_steps=None):
     return summary
 
 
-def _run_robust(ctx: Context, stage: str, latent_weight: float, stop_after_steps=None):
-    """Stage 4 (`robust`), and with λ = 0 the PGD-AT comparison model (`pgd_at`): the same
-    network, data, attack and budget, both initialised from the baseline."""
-    section = ctx.config.robust.copy_and_resolve_references()
+def twin_section(config, latent_weight: float):
+    """The `robust` section one twin trains with: the config's, with its latent weight (the
+    robust model's λ, or 0 for pgd_at): the only field in which the twins differ."""
+    section = config.robust.copy_and_resolve_references()
     section.latent_weight = latent_weight
-    eps, step_size = robust.check_section(section)
+    return section
+
+
+def _run_robust(ctx: Context, stage: str, latent_weight: float, stop_after_steps=None):
+    """Stage 4 (`robust`), and with λ = 0 the adversarial-training comparison model
+    (`pgd_at`): the same network, data, attack and budget, both initialised from the baseline
+    (which keeps the robust latent in the space the clusters were fitted in), both watched for
+    catastrophic overfitting on the same held-out training images."""
+    section = twin_section(ctx.config, latent_weight)
+    eps, step_size, noise = robust.check_section(section)
     _, params, stats = load_classifier(ctx, "baseline")
+    train = ctx.dataset("train")
+    per_class = int(section.get("holdout_per_class", 0))
+    held = (data_lib.class_balanced_subset(train.y, per_class, ctx.config.seed)
+            if per_class else np.zeros(0, np.int64))
+    keep = np.setdiff1d(np.arange(len(train)), held)
     extras, cluster_set = {}, None
     if latent_weight > 0:
         cluster_set, _, full = load_clusters(ctx)
         cluster_set = parallel.replicate(ctx.mesh, cluster_set)
-        extras = {"cluster": robust.training_assignments(full)}
+        extras = {"cluster": robust.training_assignments(full)[keep]}
 
     def loss_builder(graphdef):
-        return robust.make_robust_loss(graphdef, section, cluster_set, eps, step_size)
+        return robust.make_robust_loss(graphdef, section, cluster_set, eps, step_size, noise)
+
+    def watch(graphdef):
+        if not per_class:
+            return None, None, None
+        x_held, y_held = parallel.shard_global(ctx.mesh, train.x[held].astype(np.float32) / 255,
+                                               train.y[held])
+        return robust.overfitting_watch(graphdef, section, eps, x_held, y_held,
+                                        jax.random.key(ctx.config.seed), ctx.mesh,
+                                        lambda m: ctx.log(f"[{stage}] {m}"))
 
     return train_classifier(ctx, stage, section, loss_builder, init=(params, stats),
-                            extras=extras, stop_after_steps=stop_after_steps)
+                            extras=extras, stop_after_steps=stop_after_steps,
+                            train_ds=train.take(keep), watch=watch)
 
 
 def run_robust(ctx: Context, stop_after_steps=None):

@@ -36,11 +36,19 @@ class TrainState:
 
 
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum, decoupled weight decay and a one-cycle or cosine schedule."""
+    """SGD with (Nesterov) momentum, decoupled weight decay and a learning-rate schedule:
+    "onecycle" (linear from lr/10 to lr over the warm-up, then linearly to 0), "cyclic" (the
+    triangle of fast adversarial training, Wong et al. 2020: linear from 0 to lr over the
+    warm-up, then linearly to 0), "cosine" (linear warm-up from 0, cosine decay) or "constant".
+    The warm-up is `warmup_fraction` of `total_steps`."""
     check(cfg.lr > 0, f"train.lr must be positive, got {cfg.lr}")
     warmup = max(1, int(cfg.warmup_fraction * total_steps))
     if cfg.schedule == "onecycle":
         lr = optax.join_schedules([optax.linear_schedule(cfg.lr * 0.1, cfg.lr, warmup),
+                                   optax.linear_schedule(cfg.lr, 0.0, total_steps - warmup)],
+                                  [warmup])
+    elif cfg.schedule == "cyclic":
+        lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup),
                                    optax.linear_schedule(cfg.lr, 0.0, total_steps - warmup)],
                                   [warmup])
     elif cfg.schedule == "cosine":
@@ -48,7 +56,8 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     elif cfg.schedule == "constant":
         lr = optax.constant_schedule(cfg.lr)
     else:
-        check(False, f"train.schedule must be onecycle, cosine or constant, got {cfg.schedule!r}")
+        check(False, f"train.schedule must be onecycle, cyclic, cosine or constant, got "
+                     f"{cfg.schedule!r}")
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
                        optax.sgd(lr, momentum=cfg.momentum, nesterov=cfg.nesterov))
 
@@ -155,12 +164,15 @@ def plot_curves(log_path, png_path, title: str) -> None:
 
 def fit(store: StageStore, state: TrainState, train_step, evaluate: Callable[[Any], dict],
         train_ds: Dataset, extras: dict, mesh, *, epochs: int, batch_size: int, seed: int,
-        desc: str, stop_after_steps: int | None = None) -> tuple[TrainState, dict]:
+        desc: str, stop_after_steps: int | None = None,
+        stop: Callable[[int, TrainState, dict], bool] | None = None) -> tuple[TrainState, dict]:
     """Run `epochs` epochs of `train_step`, checkpointing after each, resuming from the latest.
 
     `extras` are per-example host arrays (e.g. cluster ids) batched alongside the images.
-    `evaluate(state) -> dict` runs at the end of each epoch. `stop_after_steps` ends the run
-    early after that many steps (tests use it to simulate a kill)."""
+    `evaluate(state) -> dict` runs at the end of each epoch; `stop(epoch, state, row)`, when
+    given, sees that epoch's log row after its checkpoint and ends training when it returns
+    True (the row then has "stopped": True). `stop_after_steps` ends the run early after that
+    many steps (tests use it to simulate a kill)."""
     parallel.check_batch_size(batch_size, mesh)
     check(batch_size <= len(train_ds),
           f"batch size {batch_size} exceeds the {len(train_ds)} training images")
@@ -168,18 +180,20 @@ def fit(store: StageStore, state: TrainState, train_step, evaluate: Callable[[An
     total = epochs * steps_per_epoch
     log_path = store.dir / "metrics.jsonl"
     step0 = 0
+    stopped, metrics_summary = False, {}
     if store.latest_step() is not None:
-        state, _ = store.restore(state)
+        state, meta = store.restore(state)
         step0 = int(state.step)
+        stopped = bool(meta.get("stopped", False))  # `stop` ended the run before the kill
+        metrics_summary = dict(meta) if stopped else {}
         if parallel.is_main_process():
             _trim_log(log_path, step0)
             tqdm.write(f"[{store.stage}] resuming from step {step0}/{total}")
     key = jax.random.key(seed)
-    metrics_summary: dict = {}
     bar = tqdm(total=total, initial=step0, desc=desc, unit="step", dynamic_ncols=True,
                disable=not parallel.is_main_process())
     start_time = time.time()
-    for epoch in range(step0 // steps_per_epoch, epochs):
+    for epoch in range(step0 // steps_per_epoch, 0 if stopped else epochs):
         batches = epoch_indices(len(train_ds), batch_size, seed, epoch)
         sums: dict = {}
         # batches already trained before the resume point are skipped
@@ -210,11 +224,16 @@ def fit(store: StageStore, state: TrainState, train_step, evaluate: Callable[[An
                **evaluate(state), "time_s": round(time.time() - start_time, 1)}
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()
                          if k in ("train_loss", "train_acc", "test_acc")})
+        halt = stop is not None and bool(stop(epoch + 1, state, row))
+        if halt:
+            row["stopped"] = True
         store.save(int(state.step), state, row)
         if parallel.is_main_process():
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         metrics_summary = row
+        if halt:
+            break
     bar.close()
     if parallel.is_main_process() and log_path.exists():
         plot_curves(log_path, store.dir / "curves.png", f"{store.stage} accuracy")

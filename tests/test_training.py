@@ -59,18 +59,35 @@ def test_cross_entropy_with_label_smoothing_matches_numpy():
     np.testing.assert_allclose(training.cross_entropy(logits, y, 0.2), expected, rtol=1e-5)
 
 
-def test_onecycle_schedule_warms_up_to_the_peak_then_decays_linearly_to_zero():
-    cfg = ml_collections.ConfigDict(dict(lr=0.2, momentum=0.0, nesterov=False, weight_decay=0.0,
-                                         schedule="onecycle", warmup_fraction=0.25))
-    tx = training.make_optimizer(cfg, 100)
+def _learning_rates(cfg, total):
+    """The schedule's learning rate at every step: plain SGD on a unit gradient updates by -lr."""
+    tx = training.make_optimizer(cfg, total)
     params = {"w": np.ones(())}
     state = tx.init(params)
     lrs = []
-    for _ in range(100):
+    for _ in range(total):
         updates, state = tx.update({"w": np.ones(())}, state, params)
-        lrs.append(-float(updates["w"]))  # plain SGD on a unit gradient: the update is -lr
+        lrs.append(-float(updates["w"]))
+    return np.array(lrs)
+
+
+def test_onecycle_schedule_warms_up_to_the_peak_then_decays_linearly_to_zero():
+    cfg = ml_collections.ConfigDict(dict(lr=0.2, momentum=0.0, nesterov=False, weight_decay=0.0,
+                                         schedule="onecycle", warmup_fraction=0.25))
+    lrs = _learning_rates(cfg, 100)
     t = np.arange(100)
     expected = np.where(t < 25, 0.02 + 0.18 * t / 25, 0.2 * (1 - (t - 25) / 75))
     np.testing.assert_allclose(lrs, expected, rtol=1e-5, atol=1e-7)
     with pytest.raises(SrdjaxError, match="schedule"):
         training.make_optimizer(ml_collections.ConfigDict({**cfg.to_dict(), "schedule": "x"}), 10)
+
+
+def test_cyclic_schedule_is_the_triangle_from_zero_to_the_peak_and_back():
+    """Wong et al. 2020's schedule: 0 → lr linearly over the warm-up, then linearly to 0."""
+    cfg = ml_collections.ConfigDict(dict(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0,
+                                         schedule="cyclic", warmup_fraction=0.4))
+    lrs = _learning_rates(cfg, 50)
+    t = np.arange(50)
+    expected = np.where(t < 20, 0.1 * t / 20, 0.1 * (1 - (t - 20) / 30))
+    np.testing.assert_allclose(lrs, expected, rtol=1e-5, atol=1e-7)
+    assert max(lrs) == pytest.approx(0.1) and lrs[0] == 0.0
