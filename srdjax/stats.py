@@ -1,4 +1,9 @@
-"""Exact statistics for accuracies measured on a finite set of test images (numpy only).
+"""Exact statistics for accuracies measured on a finite set of test images (numpy only), and
+the per-image outcome codes they are computed from.
+
+An evaluation's result for one defense is `broken_by` [n], int: the position in the attack order
+of the first attack that broke image i, `ROBUST` (-1) if no attack did, `CLEAN_ERROR` (-2) if the
+defense misclassifies it clean (then it is not attacked). Robust accuracy = mean(broken_by == -1).
 
 - `clopper_pearson`: the exact (Clopper-Pearson 1934) interval of a proportion k / n: the
   proportions p that a two-sided binomial test at level alpha, split alpha / 2 per tail, does
@@ -22,6 +27,17 @@ from __future__ import annotations
 import numpy as np
 
 from srdjax.checks import check
+
+ROBUST, CLEAN_ERROR = -1, -2
+
+
+def survived(broken_by, through: int | None = None) -> np.ndarray:
+    """Per image: classified correctly clean and after every attack up to position `through`
+    (all of them when None)."""
+    broken_by = np.asarray(broken_by)
+    if through is None:
+        return broken_by == ROBUST
+    return (broken_by == ROBUST) | (broken_by > through)
 
 
 def _check_counts(k, n, name="k") -> tuple[int, int]:
