@@ -120,8 +120,8 @@ def verdict_against_pgd_at(compare: str, robust: dict, alpha: float = 0.05):
     ours, theirs = 100 * _acc(robust[compare]), 100 * _acc(robust["pgd_at"])
     level = round(100 * (1 - alpha))
     detail = (f"difference {100 * c['difference']:+.1f} points, exact {level}% interval "
-              f"{100 * c['low']:+.1f} to {100 * c['high']:+.1f}; {c['b']} images kept only by "
-              f"{compare}, {c['c']} only by PGD-AT, exact McNemar p = {c['p_value']:.3g}, "
+              f"{100 * c['low']:+.1f} to {100 * c['high']:+.1f}; images kept only by {compare}: "
+              f"b = {c['b']}, only by PGD-AT: c = {c['c']}, exact McNemar p = {c['p_value']:.3g}, "
               f"n = {c['n']}")
     significant = c["p_value"] < alpha
     if significant and c["b"] > c["c"]:
@@ -237,8 +237,10 @@ def _resumed_text(r: dict) -> str:
 
 
 def _attack_text(r: dict) -> str:
-    return "; ".join(f"{a} ({', '.join(f'{k} {v}' for k, v in r['attack_settings'][a].items())})"
-                     for a in r["attacks"])
+    def one(a):
+        settings = ", ".join(f"{k} {v}" for k, v in r["attack_settings"][a].items())
+        return f"{a} ({settings})" if settings else a
+    return "; ".join(one(a) for a in r["attacks"])
 
 
 def render_markdown(r: dict) -> str:
