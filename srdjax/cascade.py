@@ -38,8 +38,8 @@ from jax.sharding import PartitionSpec as P
 from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
-from srdjax import adaptive as whole_defense
 from srdjax import attacks, parallel, stats
+from srdjax.attacks import whole_defense
 from srdjax.report import CELL_TEXT
 
 TRANSFER_SOURCES = {"transfer-baseline": "baseline", "transfer-robust": "robust",
@@ -82,13 +82,6 @@ def _call(attack, *args, ids, key, norm, **kwargs):
     return attack(*args, key=key, **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
-def _surrogate(top: int, temperature: float):
-    """surrogate_logits with its static settings bound, one function object per setting (so
-    jitted attack steps that take it as a Partial compile once)."""
-    return functools.partial(whole_defense.surrogate_logits, top=top, temperature=temperature)
-
-
 def adversarial_images(name: str, d, x, y, *, ids, key, eps, s):
     """Adversarial images of the evaluation's attack `name` against defense `d` (for a transfer
     attack, `d` is the bare source classifier as a Defense), with the settings of `s`."""
@@ -97,8 +90,8 @@ def adversarial_images(name: str, d, x, y, *, ids, key, eps, s):
         return _call(whole_defense.selector_attack, d.purifier, x, y, steps=s.selector_steps,
                      **common)
     if name == "surrogate":
-        fn = Partial(_surrogate(s.surrogate_top, float(s.surrogate_temperature)), d.purifier,
-                     d.classifier)
+        surrogate = whole_defense._surrogate(s.surrogate_top, float(s.surrogate_temperature))
+        fn = Partial(surrogate, d.purifier, d.classifier)
         return _call(attacks.pgd, fn, x, y, steps=s.surrogate_steps, **common)
     fn = Partial(whole_defense.attack_logits, d)
     if name in TRANSFER_SOURCES:
@@ -125,7 +118,7 @@ def _fused(name: str, s, mesh):
 
 def _program(name: str, s, mesh):
     """On a CPU the attacks run their loops from the host (see `attacks.LOOPS`)."""
-    if attacks._use_host_loops():
+    if attacks.loops._use_host_loops():
         return lambda d, x, y, ids, key, eps: adversarial_images(name, d, x, y, ids=ids, key=key,
                                                                  eps=eps, s=s)
     return _fused(name, s, mesh)

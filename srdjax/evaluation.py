@@ -27,10 +27,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from srdjax import adaptive as whole_defense
 from srdjax import attacks, cascade, parallel, report, stages
 from srdjax import purifier as purifier_lib
-from srdjax.adaptive import Classifier, Defense
+from srdjax.attacks import whole_defense
+from srdjax.attacks.whole_defense import Classifier, Defense
 from srdjax.cascade import PURIFIER_ONLY, TRANSFER_SOURCES
 from srdjax.checks import check
 from srdjax.data import class_balanced_subset, load_dataset
@@ -228,8 +228,8 @@ def load_defenses(workdir, s: Settings, mesh=None):
 # The code that decides an attack cell's result (modules, or packages: every .py in them): a
 # saved cell is reused only when it is byte for byte the code that computed it. The reports
 # (srdjax.report, srdjax.stats) are not among them: rewording a report keeps the cells.
-RESULT_MODULES = ("adaptive", "attacks", "cascade", "clusters", "defenses", "dictionary",
-                  "evaluation", "frequency", "models", "omp", "parallel", "purifier")
+RESULT_MODULES = ("attacks", "cascade", "clusters", "defenses", "dictionary", "evaluation",
+                  "frequency", "models", "omp", "parallel", "purifier")
 
 
 @functools.lru_cache(maxsize=None)
