@@ -45,8 +45,8 @@ def train_main(config) -> int:
 
 
 # evaluate.py's --saved: a progress table of the run's saved cells instead of a run.
-EVALUATE_SWITCHES = {"saved": "print the attack cells the evaluation has saved so far (% correct "
-                              "after each attack, upper bounds on the report) and exit"}
+EVALUATE_SWITCHES = {"saved": "print the attack cells the evaluation has saved so far (% still "
+                              "correct after each attack of the cascade) and exit"}
 
 
 def evaluate_main(config, saved: bool = False) -> int:
@@ -55,7 +55,8 @@ def evaluate_main(config, saved: bool = False) -> int:
     if saved:
         cells = Path(config.workdir) / config.evaluate.output / "cells"
         try:
-            print(report.saved_cells_markdown(cells, config.evaluate.eps, config.evaluate.norm))
+            print(report.saved_cells_markdown(cells, config.evaluate.eps, config.evaluate.norm,
+                                              tuple(config.evaluate.attacks)))
         except SrdjaxError as e:
             return _fail(str(e))
         return 0
