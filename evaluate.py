@@ -1,4 +1,7 @@
-"""Score every defense under a cascade of attacks: python evaluate.py --config configs/cifar10_quick.py
+"""Score every defense under a cascade of attacks:
+
+    python evaluate.py --config configs/cifar10_quick.py
+
 
 Overrides: --config.workdir=PATH --config.evaluate.test_per_class=100 --config.evaluate.eps=0.0314
 --config.evaluate.compare=srd_robust. Reads the finished stages of config.workdir; writes
