@@ -2,7 +2,6 @@
 
     python evaluate.py --config configs/cifar10_quick.py
 
-
 Overrides: --config.workdir=PATH --config.evaluate.test_per_class=100 --config.evaluate.eps=0.0314
 --config.evaluate.compare=srd_robust. Reads the finished stages of config.workdir; writes
 <workdir>/<evaluate.output>/results.{json,md}, robust_vs_eps.png and per_image.npz (see
