@@ -39,6 +39,7 @@ from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
 from srdjax import attacks, parallel, stats
+from srdjax.checks import check
 from srdjax.attacks import whole_defense
 from srdjax.report import CELL_TEXT
 
@@ -299,7 +300,9 @@ def run(d, attack_names, x, y, clean, *, eps: float, s, mesh, cache: CellCache |
             if stop_after is not None and cache is not None and cache.computed >= stop_after:
                 raise CascadeStopped(f"stopped after {cache.computed} computed cells")
             start = time.time()
-            if attack in SHARED and shared is not None:
+            if attack in SHARED:
+                check(shared is not None, f"attack {attack!r} needs the shared images (a "
+                                          "SharedImages) of the evaluated set")
                 predicted = predict(d, shared.images(attack, eps), rows, s.batch_size, mesh)
             else:
                 x_adv = attack_rows(attack, d, x, y, rows, eps=eps, s=s, mesh=mesh)
