@@ -106,12 +106,13 @@ def selector_margin(p: purifier_lib.Purifier, y, x):
             - jnp.min(jnp.where(own, jnp.inf, d), axis=1))
 
 
-def selector_attack(p: purifier_lib.Purifier, x, y, *, eps, key, steps=100, norm="linf"):
+def selector_attack(p: purifier_lib.Purifier, x, y, *, eps, key, steps=100, norm="linf",
+                    ids=None):
     """Images in the ε-ball that push the robust latent toward a wrong class's nearest cluster
-    (the visited point of largest `selector_margin`, per image)."""
+    (the visited point of largest `selector_margin`, per image; random starts keyed by `ids`)."""
     check_labels(y, jnp.shape(x)[0])
     return attacks.pgd_on_loss(Partial(selector_margin, p, y), x, eps=eps, key=key, steps=steps,
-                               norm=norm)
+                               norm=norm, ids=ids)
 
 
 def chosen_class(p: purifier_lib.Purifier, x):
