@@ -266,14 +266,15 @@ class CellCache:
 
 def run(d, attack_names, x, y, clean, *, eps: float, s, mesh, cache: CellCache | None,
         cell_parts: dict, stages_used: tuple, subset=None, shared: SharedImages | None = None,
-        stop_after: int | None = None) -> tuple[np.ndarray, dict]:
+        stop_after: int | None = None, part: str = "cascade") -> tuple[np.ndarray, dict]:
     """The cascade of `attack_names` (in that order) against defense `d` on x[subset] (default
     all), whose clean correctness per image is `clean` [n]. Returns broken_by [len(subset)]
     (positions in `attack_names`) and {attack: seconds} of the attacks that apply to `d`.
 
     Each cell's per-row result is saved in `cache` as it ends and read back instead of run
     when its inputs are unchanged. `cell_parts` and `stages_used` add to what its key hashes
-    (the defense, its stages). `stop_after`: raise `CascadeStopped` after that many computed
+    (the defense, its stages); `part` names the run in the cells' descriptions ("cascade", or
+    "curve" for the curve attack alone). `stop_after`: raise `CascadeStopped` after that many computed
     cells (to test resuming)."""
     index = np.arange(len(y)) if subset is None else np.asarray(subset)
     broken_by = np.where(clean[index], stats.ROBUST, stats.CLEAN_ERROR)
@@ -311,7 +312,7 @@ def run(d, attack_names, x, y, clean, *, eps: float, s, mesh, cache: CellCache |
             seconds[attack] = time.time() - start
             if cache is not None:
                 cache.save(key, rows, correct, seconds[attack], CELL_TEXT.format(
-                    defense=d.name, attack=attack, eps=eps, k=len(rows), n=len(index)))
+                    defense=d.name, attack=attack, eps=eps, k=len(rows), n=len(index), part=part))
             if parallel.is_main_process():
                 tqdm.write(f"{d.name} × {attack} at ε {eps:.4g}: {int(np.sum(~correct))} of "
                            f"{len(rows)} broken in {seconds[attack]:.1f} s")

@@ -287,15 +287,16 @@ def evaluate(config, mesh=None, stop_after: int | None = None) -> dict:
     purified = next((d for d in built.values() if d.transform == "purify"), None)
     shared = cascade.SharedImages(x, y, s, ctx.mesh, sources, purified)
 
-    def run(d, names, eps, subset=None, shared_images=None):
+    def run(d, names, eps, subset=None, shared_images=None, part="curve"):
         return cascade.run(d, names, x, y, clean[d.name], eps=eps, s=s, mesh=ctx.mesh,
-                           cache=cache, subset=subset, shared=shared_images,
+                           cache=cache, subset=subset, shared=shared_images, part=part,
                            stop_after=stop_after, stages_used=_defense_stages(d),
                            cell_parts={"defense": [d.name, d.transform, d.option]})
 
     broken_by, seconds = {}, {}
     for n, d in built.items():
-        broken_by[n], seconds[n] = run(d, s.attacks, s.eps, shared_images=shared)
+        broken_by[n], seconds[n] = run(d, s.attacks, s.eps, shared_images=shared,
+                                       part="cascade")
 
     # The ε curve and the sanity checks: the curve attack alone, on a class-balanced part of
     # the evaluated images.

@@ -155,17 +155,18 @@ def _table(header, rows) -> list[str]:
 
 
 # What `srdjax.cascade` writes into a saved cell's description:
-# "<defense> under <attack> at eps <ε>: <k> of <n> images attacked".
-CELL_TEXT = "{defense} under {attack} at eps {eps:.6g}: {k} of {n} images attacked"
+# "<defense> under <attack> at eps <ε>: <k> of <n> images attacked (<part>)", part "cascade"
+# (the main run) or "curve" (the curve attack alone, for the ε curve and sanity checks).
+CELL_TEXT = "{defense} under {attack} at eps {eps:.6g}: {k} of {n} images attacked ({part})"
 _CELL_RE = re.compile(r"(?P<defense>\S+) under (?P<attack>\S+) at eps (?P<eps>\S+): "
-                      r"(?P<k>\d+) of (?P<n>\d+) images attacked")
+                      r"(?P<k>\d+) of (?P<n>\d+) images attacked \((?P<part>\w+)\)")
 
 
 def saved_cells(directory) -> tuple[list[dict], int]:
     """The cascade cells saved in an evaluation's `cells/` folder, read from their own
     descriptions (dicts of defense, attack, eps, n, rows attacked, correct per attacked row
     after the attack, seconds, file), and how many older files of the same cells were passed
-    over.
+    over. `part`: "cascade" (the main run's cells) or "curve".
 
     It reads files only: no model, and whatever code or data made them (a cell's file name is a
     hash of those, which only the run that made it can match). Of files with the same defense,
@@ -184,8 +185,8 @@ def saved_cells(directory) -> tuple[list[dict], int]:
                 or rows.shape != correct.shape):
             continue
         cell = dict(defense=m["defense"], attack=m["attack"], eps=float(m["eps"]), n=int(m["n"]),
-                    rows=rows, correct=correct, seconds=seconds, file=path.name)
-        what = (cell["defense"], cell["attack"], cell["eps"], cell["n"])
+                    part=m["part"], rows=rows, correct=correct, seconds=seconds, file=path.name)
+        what = (cell["defense"], cell["attack"], cell["eps"], cell["n"], cell["part"])
         older += what in found
         found[what] = cell
     return list(found.values()), older
@@ -198,6 +199,7 @@ def saved_cells_markdown(directory, eps: float | None = None, norm: str = "linf"
     attack of its cascade (and every earlier one), and after the last one saved. Columns follow
     `order` (the configured attack order), then any other attack found."""
     cells, older = saved_cells(directory)
+    cells = [c for c in cells if c["part"] == "cascade"]
     check(bool(cells), f"no saved evaluation cells in {directory}")
     if eps is None:
         counts = {}

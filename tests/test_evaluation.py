@@ -370,7 +370,11 @@ def test_saved_cells_table_is_the_run_per_image_results_at_its_eps(evaluated):
     cells, older = report.saved_cells(workdir / "evaluation" / "cells")
     assert older == 0
     main = {(c["defense"], c["attack"]): c for c in cells
-            if 0.03 < c["eps"] < 0.04 and c["n"] == 20 and c["attack"] in ATTACKS3}
+            if 0.03 < c["eps"] < 0.04 and c["part"] == "cascade"}
+    assert {c["part"] for c in cells} == {"cascade", "curve"}
+    assert set(main) == {(n, a) for n in result["defenses"] for a in result["worst_case_over"][n]
+                         if (per[f"{n}/broken_by"] == -1).any()
+                         or (per[f"{n}/broken_by"] >= result["attacks"].index(a)).any()}
     for (n, a), c in main.items():
         b = per[f"{n}/broken_by"]
         j = result["attacks"].index(a)
@@ -429,17 +433,20 @@ def test_saved_cells_keep_the_newest_of_a_cell_and_skip_what_is_not_a_cell(tmp_p
     rng = np.random.default_rng(0)
     rows = np.arange(2, 12)
     first, second, other = (rng.random(10) < 0.5 for _ in range(3))
-    text = "jpeg under {} at eps 0.0313725: 10 of 12 images attacked"
+    text = "jpeg under {} at eps 0.0313725: 10 of 12 images attacked (cascade)"
     cache.save("a", rows, first, 1.0, text.format("pgd20"))
     cache.save("b", rows, other, 2.0, text.format("fgsm"))
     cache.save("c", rows, second, 3.0, text.format("pgd20"))
     for name, t in (("a", 0), ("b", 5), ("c", 10)):  # a and c: the same cell; c is newer
         os.utime(tmp_path / f"{name}.npz", (1e9 + t, 1e9 + t))
     cache.save("s", rows, first, 0.0, "selector success at eps 0.0313725")
+    cache.save("v", rows, first, 0.0, "jpeg under pgd20 at eps 0.0313725: 10 of 12 images "
+                                      "attacked (curve)")
     (tmp_path / "broken.npz").write_bytes(b"not an npz")
     cells, older = report.saved_cells(tmp_path)
     assert sorted((c["attack"], c["file"]) for c in cells) == [("fgsm", "b.npz"),
-                                                                ("pgd20", "c.npz")]
+                                                                ("pgd20", "c.npz"),
+                                                                ("pgd20", "v.npz")]
     assert older == 1
     md = report.saved_cells_markdown(tmp_path, order=("fgsm", "pgd20"))
     row = next(line for line in md.splitlines() if line.startswith("| jpeg"))
