@@ -274,8 +274,8 @@ def run(d, attack_names, x, y, clean, *, eps: float, s, mesh, cache: CellCache |
     Each cell's per-row result is saved in `cache` as it ends and read back instead of run
     when its inputs are unchanged. `cell_parts` and `stages_used` add to what its key hashes
     (the defense, its stages); `part` names the run in the cells' descriptions ("cascade", or
-    "curve" for the curve attack alone). `stop_after`: raise `CascadeStopped` after that many computed
-    cells (to test resuming)."""
+    "curve" for the curve attack alone). `stop_after`: raise `CascadeStopped` after that many
+    computed cells (to test resuming)."""
     index = np.arange(len(y)) if subset is None else np.asarray(subset)
     broken_by = np.where(clean[index], stats.ROBUST, stats.CLEAN_ERROR)
     seconds = {}

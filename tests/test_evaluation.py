@@ -112,7 +112,8 @@ def test_surrogate_value_is_the_real_defense_and_its_gradient_the_soft_one():
             patches = pur.dict_lib._extract(pur._split(p, u)[1], 4, 2)
             forced.append(pur._linear_given_choices(p, u, k, pur._supports(p, k, patches)[0]))
         return {"real": whole_defense.defense_logits(d, u),
-                "surrogate": whole_defense.surrogate_logits(p, d.classifier, u, top=2, temperature=1.0),
+                "surrogate": whole_defense.surrogate_logits(p, d.classifier, u, top=2,
+                                                            temperature=1.0),
                 "grad_top1": grad(Partial(whole_defense._surrogate(1, 1.0), p, d.classifier), u),
                 "grad_bpda": grad(Partial(whole_defense.attack_logits, d), u),
                 "soft": whole_defense.soft_purify(p, u, top=2, temperature=0.5), "forced": forced}
