@@ -34,8 +34,8 @@ from configs.common import base_config, cpu_eval
 
 
 def get_config(arg: str = ""):
-    """`configs/cifar10_quick.py:cpu_eval`: the same run, with the evaluation cut to what a
-    2-core CPU finishes in about an hour (see below)."""
+    """`configs/cifar10_quick.py:cpu_eval`: the same run, with the evaluation cut to shorter
+    attacks on 200 images for quick checks (see below)."""
     if arg not in ("", "cpu_eval"):
         raise ValueError(f"configs/cifar10_quick.py takes no argument or ':cpu_eval', got {arg!r}")
     c = base_config()
@@ -52,9 +52,11 @@ def get_config(arg: str = ""):
     c.robust.schedule = "cyclic"
     c.robust.lr = 0.1
     c.robust.warmup_fraction = 0.3
-    # python evaluate.py --config configs/cifar10_quick.py: a stated class-balanced subset of the
-    # exact test set (100 per class = 1,000 images; the ε curve on 20 per class), as the CPU
-    # budget allows; the purifier cells (Square, surrogate) dominate its cost.
+    # python evaluate.py --config configs/cifar10_quick.py: full strength (the cascade of
+    # configs/common.py: transfer from three classifiers, the selector, the standard AutoAttack
+    # suite with Square at 5,000 queries, the surrogate) at ε = 8/255 on a stated class-balanced
+    # subset of the test set, 100 per class = 1,000 images (the ε curve on 20 per class), on
+    # every defense of configs/common.py; srd_robust is compared with PGD-AT.
     c.evaluate.test_per_class = 100
     c.evaluate.curve_per_class = 20
     if arg == "cpu_eval":

@@ -100,29 +100,40 @@ def base_config() -> ml_collections.ConfigDict:
     c.purify = ml_collections.ConfigDict()
     c.purify.image_chunk = 0         # images OMP-coded together (memory); 0: by platform
 
-    # Stage 6: honest evaluation (evaluate.py): every defense under every attack, per image.
+    # Stage 6: honest evaluation (evaluate.py). For each defense the attacks run as a cascade
+    # in this order, each only on the images every earlier one failed to break; the worst case
+    # per image does not depend on the order, only the cost does. So the cheap and strong come
+    # first, to shrink what the costly ones attack: the transfer attacks and the selector make
+    # their images once for every image on bare classifiers (no purification inside the
+    # attack), so each costs a defense a single forward pass per image; then the standard
+    # AutoAttack suite in its own order (APGD-CE, the strongest per step, then APGD-T and
+    # FAB-T, 9 target classes each); the surrogate (100 steps, 3 purifications each) before
+    # Square, whose 5,000 queries through purification are the dearest of all.
     c.evaluate = ml_collections.ConfigDict()
     c.evaluate.test_per_class = 0    # 0: the whole test set; else a seeded class-balanced subset
     c.evaluate.defenses = ("none", "jpeg", "bit_depth", "blur", "pgd_at", "robust",
                            "srd_baseline", "srd_robust")
-    c.evaluate.attacks = ("fgsm", "pgd20", "pgd100", "apgd-ce", "apgd-dlr", "square",
-                          "transfer", "selector", "surrogate")
-    c.evaluate.norm = "linf"         # linf | l2 (square is L∞ only)
+    c.evaluate.attacks = ("transfer-baseline", "transfer-robust", "transfer-pgd_at", "selector",
+                          "apgd-ce", "apgd-t", "fab-t", "surrogate", "square")
+    c.evaluate.compare = "srd_robust"  # the defense set against PGD-AT, named before the run
+    c.evaluate.norm = "linf"         # linf | l2
     c.evaluate.eps = 8 / 255         # pixel units in [0, 1], unlike robust.eps (/255)
     c.evaluate.eps_list = (0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255)  # the curve (0 always run)
-    c.evaluate.curve_attack = "pgd20"  # for the curve and the unbounded (ε = 1) sanity check
+    c.evaluate.curve_attack = "pgd20"  # alone, for the curve and the unbounded (ε = 1) check
     c.evaluate.curve_per_class = 0   # curve and sanity checks on this many per class (0: all)
-    c.evaluate.batch_size = 200      # fixed: the last batch is padded, attacks compile once
-    c.evaluate.seed = 0              # test subset and attack randomness
+    c.evaluate.batch_size = 200      # at most; the last batch is padded, few shapes compile
+    c.evaluate.seed = 0              # test subset and attack randomness (keyed per image)
     c.evaluate.jpeg_quality = 75
     c.evaluate.bit_depth = 4         # bits per channel
     c.evaluate.blur_sigma = 1.0      # pixels
     c.evaluate.pgd20_steps = 20
     c.evaluate.pgd100_steps = 100
     c.evaluate.pgd100_restarts = 2
-    c.evaluate.apgd_steps = 100      # APGD-CE and APGD-DLR
-    c.evaluate.square_queries = 1000
-    c.evaluate.transfer_steps = 100  # PGD on the undefended baseline, then fed to each defense
+    c.evaluate.apgd_steps = 100      # APGD-CE, APGD-DLR and APGD-T (AutoAttack standard: 100)
+    c.evaluate.n_target_classes = 9  # APGD-T and FAB-T: classes ranked 2-10 (standard: 9)
+    c.evaluate.fab_steps = 100       # FAB-T (standard: 100)
+    c.evaluate.square_queries = 5000  # standard: 5,000
+    c.evaluate.transfer_steps = 100  # PGD on the bare source classifier, then fed to each defense
     c.evaluate.selector_steps = 100  # PGD pushing the robust latent to a wrong class's cluster
     c.evaluate.surrogate_steps = 100  # PGD through the soft-cluster surrogate of purify
     c.evaluate.surrogate_top = 3     # clusters mixed by the surrogate
@@ -140,16 +151,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def cpu_eval(c: ml_collections.ConfigDict, per_class: int, curve_per_class: int) -> None:
-    """The evaluation cut to what a 2-core CPU finishes in about an hour (`:cpu_eval` configs):
-    every defense, every attack but PGD-100 (APGD-CE covers a long first-order attack), shorter
-    attacks, `per_class` test images per class; attacking purification costs a purification
-    per step. Reports go to <workdir>/evaluation_cpu/."""
+    """The evaluation cut for quick checks on a CPU (`:cpu_eval` configs): every defense and
+    every attack of the cascade, in the same order, at reduced length (APGD and FAB 50 steps,
+    Square 1,000 queries, the transfer and selector attacks 50 steps, the surrogate 20), on
+    `per_class` test images per class. Reports go to <workdir>/evaluation_cpu/."""
     c.evaluate.test_per_class = per_class
     c.evaluate.curve_per_class = curve_per_class
-    c.evaluate.attacks = ("fgsm", "pgd20", "apgd-ce", "apgd-dlr", "square", "transfer",
-                          "selector", "surrogate")
     c.evaluate.apgd_steps = 50
-    c.evaluate.square_queries = 200
+    c.evaluate.fab_steps = 50
+    c.evaluate.square_queries = 1000
     c.evaluate.transfer_steps = 50
     c.evaluate.selector_steps = 50
     c.evaluate.surrogate_steps = 20

@@ -44,6 +44,8 @@ def get_config():
     c.evaluate.pgd20_steps = 2
     c.evaluate.pgd100_steps = 3
     c.evaluate.apgd_steps = 3
+    c.evaluate.fab_steps = 3
+    c.evaluate.n_target_classes = 2
     c.evaluate.square_queries = 5
     c.evaluate.transfer_steps = 2
     c.evaluate.selector_steps = 2

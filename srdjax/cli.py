@@ -82,8 +82,8 @@ def train_main(config) -> int:
 
 
 # evaluate.py's --saved: a progress table of the run's saved cells instead of a run.
-EVALUATE_SWITCHES = {"saved": "print the attack cells the evaluation has saved so far (% correct "
-                              "after each attack, upper bounds on the report) and exit"}
+EVALUATE_SWITCHES = {"saved": "print the attack cells the evaluation has saved so far (% still "
+                              "correct after each attack of the cascade) and exit"}
 
 
 def _evaluation_output(config) -> Path:
@@ -105,7 +105,7 @@ def evaluate_main(config, saved: bool = False) -> int:
     output = _evaluation_output(config)
     if saved:
         print(report.saved_cells_markdown(output / "cells", config.evaluate.eps,
-                                          config.evaluate.norm))
+                                          config.evaluate.norm, tuple(config.evaluate.attacks)))
         return 0
     check_output_dir(output, "evaluate.output")
     _start_distributed(config)

@@ -1,139 +1,139 @@
-"""The reports of an evaluation: accuracies, worst case, verdict, sanity checks, Markdown, JSON,
-the ε curve figure, and the saved cells read back.
+"""The reports of an evaluation: accuracies with exact intervals, the verdict against PGD-AT,
+sanity checks, Markdown, JSON, the ε curve figure, and the saved cells read back.
 
-Nothing here decides an attack's outcome, so it is not among `evaluation.RESULT_MODULES`: the
-saved cells of a long evaluation stay valid when the reports' code or wording changes.
+It is fed plain results -- per defense the per-image `broken_by` array of the cascade (see
+`srdjax.stats`), seconds, and a dict of how the attacks were run -- and imports nothing of the
+evaluation, so rewording a report leaves the saved attack cells valid.
 """
 from __future__ import annotations
 
+import datetime
 import math
 import os
+import platform
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
-from srdjax import parallel
+from srdjax import parallel, stats
 from srdjax.checkpoints import atomic_write_json, atomic_write_text
 from srdjax.checks import check
 
-if TYPE_CHECKING:
-    from srdjax import evaluation
-
-
-def worst_case(clean: np.ndarray, under_attack: dict) -> np.ndarray:
-    """Per image: correct clean and under every attack (the minimum over attacks)."""
-    return np.min(np.stack([clean] + list(under_attack.values())), axis=0)
-
 
 def _machine() -> dict:
-    import platform
     devices = jax.devices()
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
             "devices": f"{len(devices)} x {devices[0].device_kind}"}
 
 
-def summarize(s: evaluation.Settings, clean, main, curve, *, clean_sub, unbounded,
-              unbounded_eps, true_cluster, workdir, run_time) -> dict:
-    """Accuracies, worst case, curve, sanity checks and verdict as one JSON-able dict."""
-    import datetime
-    acc = lambda v: float(np.mean(v))  # noqa: E731
-    names = list(clean)
-    robust = {n: {a: (acc(clean[n] & main["correct"][n][a]) if a in main["correct"][n] else None)
-                  for a in s.attacks} for n in names}
-    per_image = {n: worst_case(clean[n], main["correct"][n]) for n in names}
-    worst = {n: acc(per_image[n]) for n in names}
+def _acc(v) -> float:
+    return float(np.mean(v))
+
+
+def _interval(v) -> list[float]:
+    """The exact 95% interval of the proportion of True in v."""
+    return list(stats.clopper_pearson(int(np.sum(v)), int(np.size(v))))
+
+
+def summarize(setup: dict, broken_by: dict, seconds: dict, *, applies: dict, curve: dict,
+              unbounded: dict, unbounded_eps: float, selector: dict | None, workdir: str,
+              run_time: float) -> dict:
+    """Accuracies, intervals, the verdict, curve and sanity checks as one JSON-able dict.
+
+    setup: how the run was made (attacks in cascade order, attack_settings, norm, eps, seed,
+    test_per_class, batch_size, curve_attack, unbounded_max, eot_samples, compare).
+    broken_by: {defense: [n] int}; seconds: {defense: {attack: s}}; applies: {defense: [attacks
+    run on it]}; curve: {ε: {defense: broken_by of the curve attack alone on the curve images}};
+    unbounded: {defense: the same at `unbounded_eps`}; selector: {"wrong", "true_cluster"}
+    per-image booleans, or None."""
+    attacks, names = list(setup["attacks"]), list(broken_by)
+    after = {n: {a: (_acc(stats.survived(broken_by[n], j)) if a in applies[n] else None)
+                 for j, a in enumerate(attacks)} for n in names}
+    counts = {n: {a: (int(np.sum(broken_by[n] == j)) if a in applies[n] else None)
+                  for j, a in enumerate(attacks)} for n in names}
+    clean = {n: broken_by[n] != stats.CLEAN_ERROR for n in names}
+    robust = {n: stats.survived(broken_by[n]) for n in names}
     eps_values = sorted(curve)
-    curve_acc = {n: [acc(clean_sub[n] & curve[e][n]) for e in eps_values] for n in names}
-    mismatches = {n: int(np.sum(curve[0.0][n] != clean_sub[n])) for n in names}
+    curve_acc = {n: [_acc(stats.survived(curve[e][n])) for e in eps_values] for n in names}
+    # At ε = 0 the attack returns x: any image it "breaks" is an error of the evaluation.
+    mismatches = {n: int(np.sum(curve[0.0][n] == 0)) for n in names} if 0.0 in curve else {}
     rises = [{"defense": n, "from_eps": eps_values[i], "to_eps": eps_values[i + 1],
               "from": curve_acc[n][i], "to": curve_acc[n][i + 1]}
              for n in names for i in range(len(eps_values) - 1)
              if curve_acc[n][i + 1] > curve_acc[n][i]]
-    unbounded_acc = {n: acc(v) for n, v in unbounded.items()}
-    flagged = [n for n, v in unbounded_acc.items() if v > s.unbounded_max]
-    wrong = main["selector_wrong"]
-    selector = None if wrong is None else {
-        "success_rate": acc(wrong),
-        "clean_true_cluster_rate": None if true_cluster is None else acc(true_cluster),
-        "switched_from_true_cluster": acc(wrong[true_cluster]) if true_cluster.any() else None}
+    unbounded_acc = {n: _acc(stats.survived(v)) for n, v in unbounded.items()}
+    flagged = [n for n, v in unbounded_acc.items() if v > setup["unbounded_max"]]
+    sel = None
+    if selector is not None:
+        wrong, true = selector["wrong"], selector["true_cluster"]
+        sel = {"success_rate": _acc(wrong), "clean_true_cluster_rate": _acc(true),
+               "switched_from_true_cluster": _acc(wrong[true]) if true.any() else None}
     sanity = {
         "eps0_equals_clean": {"passed": not any(mismatches.values()), "mismatches": mismatches},
         "monotone_in_eps": {"passed": not rises, "rises": rises},
-        "unbounded": {"eps": unbounded_eps, "attack": s.curve_attack, "robust": unbounded_acc,
-                      "max_allowed": s.unbounded_max, "flagged": flagged, "passed": not flagged},
-        "selector_success_rate": None if selector is None else selector["success_rate"]}
+        "unbounded": {"eps": unbounded_eps, "attack": setup["curve_attack"],
+                      "robust": unbounded_acc, "max_allowed": setup["unbounded_max"],
+                      "flagged": flagged, "passed": not flagged},
+        "selector_success_rate": None if sel is None else sel["success_rate"]}
     sanity["passed"] = all(sanity[k]["passed"] for k in
                            ("eps0_equals_clean", "monotone_in_eps", "unbounded"))
-    seconds = {n: {a: main["seconds"][n].get(a) for a in s.attacks} for n in names}
-    verdict, versus = _verdict(names, worst, per_image)
+    secs = {n: {a: seconds[n].get(a) for a in attacks} for n in names}
+    verdict, versus = verdict_against_pgd_at(setup["compare"], robust)
+    n_images = int(len(next(iter(broken_by.values()))))
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": _machine(), "run_time_s": round(run_time, 1), "workdir": workdir,
-        "n": int(len(next(iter(clean.values())))), "test_per_class": s.test_per_class,
-        "seed": s.seed, "batch_size": s.batch_size, "norm": s.norm, "eps": s.eps,
-        "defenses": names,
-        "attacks": list(s.attacks),
-        "attack_settings": {a: s.attack_settings(a) for a in s.attacks},
-        "clean": {n: acc(clean[n]) for n in names}, "robust": robust, "worst_case": worst,
-        "worst_case_over": {n: [a for a in s.attacks if a in main["correct"][n]]
-                            for n in names},
-        "seconds": seconds,
-        "seconds_per_attack": {a: sum(v[a] or 0.0 for v in seconds.values()) for a in s.attacks},
-        "selector": selector,
-        "curve": {"attack": s.curve_attack, "n": int(len(next(iter(clean_sub.values())))),
+        "n": n_images, **{k: setup[k] for k in ("test_per_class", "seed", "batch_size", "norm",
+                                                "eps", "compare")},
+        "defenses": names, "attacks": attacks, "attack_settings": setup["attack_settings"],
+        "clean": {n: _acc(clean[n]) for n in names},
+        "clean_interval": {n: _interval(clean[n]) for n in names},
+        "robust_after": after, "broken_by": counts,
+        "worst_case": {n: _acc(robust[n]) for n in names},
+        "worst_case_interval": {n: _interval(robust[n]) for n in names},
+        "worst_case_over": {n: [a for a in attacks if a in applies[n]] for n in names},
+        "seconds": secs,
+        "seconds_per_attack": {a: sum(v[a] or 0.0 for v in secs.values()) for a in attacks},
+        "selector": sel,
+        "curve": {"attack": setup["curve_attack"],
+                  "n": int(len(next(iter(curve[eps_values[0]].values())))),
                   "eps": eps_values, "robust": curve_acc},
         "sanity": sanity,
         "eot": ("Every defense evaluated here is deterministic (purification, JPEG, bit depth and "
                 "blur draw no random numbers), so EOT reduces to the plain attack; "
-                f"eot_samples = {s.eot_samples} applies only to defenses flagged random."),
+                f"eot_samples = {setup['eot_samples']} applies only to defenses flagged random."),
         "verdict": verdict, "versus_pgd_at": versus}
 
 
-def paired_difference(ours: np.ndarray, theirs: np.ndarray) -> dict:
-    """Accuracy difference of two defenses scored on the same images (per-image booleans), with
-    a normal-approximation 95% interval for it: the mean and standard error of the per-image
-    differences (+1, 0, -1), which pairs the images instead of treating the two as independent
-    samples. Also how many images only one of them keeps."""
-    ours, theirs = np.asarray(ours), np.asarray(theirs)
-    check(ours.dtype == bool and theirs.dtype == bool and ours.ndim == 1
-          and ours.shape == theirs.shape and ours.size > 0,
-          f"paired_difference needs two non-empty 1-d boolean arrays of the same length, got "
-          f"{ours.dtype} {ours.shape} and {theirs.dtype} {theirs.shape}")
-    diff = ours.astype(np.float64) - theirs.astype(np.float64)
-    n = diff.size
-    mean = float(np.mean(diff))
-    half = 1.96 * float(np.std(diff)) / np.sqrt(n)
-    return {"difference": mean, "low": mean - half, "high": mean + half, "n": int(n),
-            "only_ours": int(np.sum(ours & ~theirs)), "only_theirs": int(np.sum(~ours & theirs))}
-
-
-def _verdict(names, worst, per_image) -> tuple[str | None, dict | None]:
-    """The sentence the reports lead with, and the paired comparison behind it: srdjax's best
-    defense against PGD-AT under the worst case. "Beats" only when the 95% interval of the
-    paired difference lies above zero."""
-    srd = [n for n in names if n.startswith("srd_")]
-    if not srd:
-        return None, None
-    best = max(srd, key=lambda n: worst[n])
-    if "pgd_at" not in names:
-        return "PGD-AT was not among this run's defenses, so srdjax is not compared with it.", None
-    c = paired_difference(per_image[best], per_image["pgd_at"])
-    ours, theirs = 100 * worst[best], 100 * worst["pgd_at"]
-    detail = (f"difference {100 * c['difference']:+.1f} points, 95% interval "
-              f"{100 * c['low']:+.1f} to {100 * c['high']:+.1f} on the same {c['n']} images; "
-              f"{c['only_ours']} kept only by {best}, {c['only_theirs']} only by PGD-AT")
-    if c["low"] > 0:
-        text = (f"srdjax ({best}) beats PGD-AT under the worst case over these attacks: "
-                f"{ours:.1f}% vs {theirs:.1f}% ({detail}).")
-    else:  # the interval reaches zero; ahead all the same: "not beyond chance"
-        chance = " beyond chance" if c["difference"] > 0 else ""
-        text = (f"srdjax does not beat PGD-AT{chance} under the worst case: its best defense "
-                f"({best}) keeps {ours:.1f}% of the images against every attack, PGD-AT "
-                f"{theirs:.1f}% ({detail}).")
-    return text, {"defense": best, **c}
+def verdict_against_pgd_at(compare: str, robust: dict, alpha: float = 0.05):
+    """The sentence the reports lead with, and the paired comparison behind it: the defense
+    `compare`, named in the config before the run, against PGD-AT on the same images (per-image
+    booleans of surviving every attack). "Beats" only when the exact McNemar test rejects
+    equality (p < alpha, two-sided) and `compare` keeps more images."""
+    missing = [n for n in (compare, "pgd_at") if n not in robust]
+    if missing:
+        return (f"{' and '.join(missing)} not among this run's defenses, so {compare} is not "
+                "compared with PGD-AT."), None
+    c = stats.paired_difference(robust[compare], robust["pgd_at"], alpha)
+    ours, theirs = 100 * _acc(robust[compare]), 100 * _acc(robust["pgd_at"])
+    level = round(100 * (1 - alpha))
+    detail = (f"difference {100 * c['difference']:+.1f} points, exact {level}% interval "
+              f"{100 * c['low']:+.1f} to {100 * c['high']:+.1f}; images kept only by {compare}: "
+              f"b = {c['b']}, only by PGD-AT: c = {c['c']}, exact McNemar p = {c['p_value']:.3g}, "
+              f"n = {c['n']}")
+    significant = c["p_value"] < alpha
+    if significant and c["b"] > c["c"]:
+        text = (f"{compare} beats PGD-AT under the worst case over these attacks: {ours:.1f}% "
+                f"vs {theirs:.1f}% ({detail}).")
+    elif significant:
+        text = (f"PGD-AT beats {compare} under the worst case over these attacks: {theirs:.1f}% "
+                f"vs {ours:.1f}% ({detail}).")
+    else:
+        text = (f"{compare} does not beat PGD-AT under the worst case: {ours:.1f}% vs "
+                f"{theirs:.1f}%, a difference within chance ({detail}).")
+    return text, {"defense": compare, **c}
 
 
 # ------------------------------------------------------------------------------ reports
@@ -154,45 +154,52 @@ def _table(header, rows) -> list[str]:
         len(header) - 1)) + "|"] + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-# What `evaluation.attack_matrix` writes into a saved cell:
-# "<defense> under <attack> at eps <ε>, <n> images".
-_CELL_TEXT = re.compile(r"(?P<defense>\S+) under (?P<attack>\S+) at eps (?P<eps>\S+), "
-                        r"(?P<n>\d+) images")
+# What `srdjax.cascade` writes into a saved cell's description:
+# "<defense> under <attack> at eps <ε>: <k> of <n> images attacked (<part>)", part "cascade"
+# (the main run) or "curve" (the curve attack alone, for the ε curve and sanity checks).
+CELL_TEXT = "{defense} under {attack} at eps {eps:.6g}: {k} of {n} images attacked ({part})"
+_CELL_RE = re.compile(r"(?P<defense>\S+) under (?P<attack>\S+) at eps (?P<eps>\S+): "
+                      r"(?P<k>\d+) of (?P<n>\d+) images attacked \((?P<part>\w+)\)")
 
 
 def saved_cells(directory) -> tuple[list[dict], int]:
-    """The attack cells saved in an evaluation's `cells/` folder, read from their own descriptions
-    (dicts of defense, attack, eps, n, correct per image after the attack, seconds, file), and
-    how many older files of the same cells were passed over.
+    """The cascade cells saved in an evaluation's `cells/` folder, read from their own
+    descriptions (dicts of defense, attack, eps, n, rows attacked, correct per attacked row
+    after the attack, seconds, file), and how many older files of the same cells were passed
+    over. `part`: "cascade" (the main run's cells) or "curve".
 
     It reads files only: no model, and whatever code or data made them (a cell's file name is a
     hash of those, which only the run that made it can match). Of files with the same defense,
-    attack, ε and n, the newest is kept. Selector-success cells and unreadable files are left
-    out."""
+    attack, ε and n, the newest is kept. Other files (selector success, unreadable ones) are
+    left out."""
     found, older = {}, 0
     for path in sorted(Path(directory).glob("*.npz"), key=lambda q: (q.stat().st_mtime, q.name)):
         try:
             with np.load(path, allow_pickle=False) as f:
-                text, correct, seconds = str(f["description"]), f["values"], float(f["seconds"])
+                text, correct, rows = str(f["description"]), f["values"], f["rows"]
+                seconds = float(f["seconds"])
         except (OSError, ValueError, KeyError):
             continue
-        m = _CELL_TEXT.fullmatch(text)
-        if m is None or correct.dtype != bool or correct.shape != (int(m["n"]),):
+        m = _CELL_RE.fullmatch(text)
+        if (m is None or correct.dtype != bool or correct.shape != (int(m["k"]),)
+                or rows.shape != correct.shape):
             continue
         cell = dict(defense=m["defense"], attack=m["attack"], eps=float(m["eps"]), n=int(m["n"]),
-                    correct=correct, seconds=seconds, file=path.name)
-        what = (cell["defense"], cell["attack"], cell["eps"], cell["n"])
+                    part=m["part"], rows=rows, correct=correct, seconds=seconds, file=path.name)
+        what = (cell["defense"], cell["attack"], cell["eps"], cell["n"], cell["part"])
         older += what in found
         found[what] = cell
     return list(found.values()), older
 
 
-def saved_cells_markdown(directory, eps: float | None = None, norm: str = "linf") -> str:
+def saved_cells_markdown(directory, eps: float | None = None, norm: str = "linf",
+                         order=()) -> str:
     """A progress table of an unfinished evaluation from its saved cells at one ε (default: the ε
-    of most cells): % of images classified correctly after each attack, and the lowest per-image
-    result over the attacks saved so far. Both are upper bounds on the finished report's figures,
-    which also require a correct clean prediction and take the worst case over every attack."""
+    of most cells): per defense, % of the n images still classified correctly after each saved
+    attack of its cascade (and every earlier one), and after the last one saved. Columns follow
+    `order` (the configured attack order), then any other attack found."""
     cells, older = saved_cells(directory)
+    cells = [c for c in cells if c["part"] == "cascade"]
     check(bool(cells), f"no saved evaluation cells in {directory}")
     if eps is None:
         counts = {}
@@ -202,21 +209,21 @@ def saved_cells_markdown(directory, eps: float | None = None, norm: str = "linf"
     cells = [c for c in cells if math.isclose(c["eps"], eps, rel_tol=1e-5)]
     check(bool(cells), f"no saved cells at eps {eps:.6g} in {directory}")
     defenses = list(dict.fromkeys(c["defense"] for c in cells))
-    attacks = list(dict.fromkeys(c["attack"] for c in cells))
+    found = list(dict.fromkeys(c["attack"] for c in cells))
+    attacks = [a for a in order if a in found] + [a for a in found if a not in order]
     table = {(c["defense"], c["attack"]): c for c in cells}
     rows = []
     for d in defenses:
         mine = [table[d, a] for a in attacks if (d, a) in table]
-        same_n = len({c["n"] for c in mine}) == 1
-        low = np.min(np.stack([c["correct"] for c in mine]), 0).mean() if same_n else None
-        rows.append([d] + [_pct(table[d, a]["correct"].mean()) if (d, a) in table else "–"
-                           for a in attacks] + [_pct(low), len(mine)])
+        left = min(int(c["correct"].sum()) / c["n"] for c in mine)
+        rows.append([d] + [_pct(table[d, a]["correct"].sum() / table[d, a]["n"])
+                           if (d, a) in table else "–" for a in attacks]
+                    + [_pct(left), len(mine)])
     ns = sorted({c["n"] for c in cells})
     lines = [f"Saved cells in {directory} at ε = {_eps_text(eps, norm)}, "
-             f"n = {', '.join(map(str, ns))} images: % correct after each attack; – : not saved "
-             "(yet). Upper bounds on the finished report (which also requires a correct clean "
-             "prediction and takes every attack).", ""]
-    lines += _table(["defense"] + attacks + ["lowest so far", "cells"], rows)
+             f"n = {', '.join(map(str, ns))} images: % still correct after each attack of the "
+             "cascade (and every earlier one); – : not saved (yet).", ""]
+    lines += _table(["defense"] + attacks + ["robust so far", "cells"], rows)
     if older:
         lines += ["", f"{older} older file(s) of the same cells passed over."]
     return "\n".join(lines)
@@ -231,34 +238,46 @@ def _resumed_text(r: dict) -> str:
             f"{cells['attack_seconds']:.0f} s in all)")
 
 
+def _attack_text(r: dict) -> str:
+    def one(a):
+        settings = ", ".join(f"{k} {v}" for k, v in r["attack_settings"][a].items())
+        return f"{a} ({settings})" if settings else a
+    return "; ".join(one(a) for a in r["attacks"])
+
+
 def render_markdown(r: dict) -> str:
-    """The report: the main table (defenses × attacks + worst case, accuracy in %) first."""
+    """The report: the main table (defenses × the cascade's attacks, accuracy in %) first."""
     m, norm = r["machine"], r["norm"]
     per = f"{r['test_per_class']} per class" if r["test_per_class"] else "the whole test set"
+    ci = lambda v: f"{100 * v[0]:.1f}–{100 * v[1]:.1f}"  # noqa: E731
     lines = [f"# srdjax evaluation of {r['workdir']}", "",
              f"{r['date']}; {m['platform']}, {m['cpu_count']} CPUs, jax {m['jax']} on "
              f"{m['devices']}; run time {r['run_time_s']:.0f} s{_resumed_text(r)}.", "",
              f"Test images: n = {r['n']} ({per}, seed {r['seed']}). Threat model: "
-             f"{'L∞' if norm == 'linf' else 'L2'}, ε = {_eps_text(r['eps'], norm)}. Accuracy "
-             "in %: an image counts under an attack if it is classified correctly both clean "
-             "and attacked; worst case: under every attack of its row. – : does not apply "
+             f"{'L∞' if norm == 'linf' else 'L2'}, ε = {_eps_text(r['eps'], norm)}. The attacks "
+             "run as a cascade, in the order of the columns, each on the images every earlier "
+             "one failed to break. Accuracy in %: a column gives the images still classified "
+             "correctly after that attack and every earlier one; worst case: after all of "
+             "them, with its exact (Clopper–Pearson) 95% interval. – : does not apply "
              "(selector and surrogate attack the purifier's cluster choice).", ""]
-    lines += _table(["defense", "clean"] + r["attacks"] + ["worst case"], [
-        [n, _pct(r["clean"][n])] + [_pct(r["robust"][n][a]) for a in r["attacks"]]
-        + [_pct(r["worst_case"][n])] for n in r["defenses"]])
+    lines += _table(["defense", "clean"] + r["attacks"] + ["worst case", "95% interval"], [
+        [n, _pct(r["clean"][n])] + [_pct(r["robust_after"][n][a]) for a in r["attacks"]]
+        + [_pct(r["worst_case"][n]), ci(r["worst_case_interval"][n])] for n in r["defenses"]])
     if r["verdict"]:
         lines += ["", f"**{r['verdict']}**"]
-    lines += ["", "Attacks: " + "; ".join(
-        f"{a} ({', '.join(f'{k} {v}' for k, v in r['attack_settings'][a].items())})"
-        for a in r["attacks"]) + ". Gradients: BPDA straight-through for JPEG and bit depth, "
-        "exact for the blur, purify_bpda (exact given the cluster and OMP supports) for "
-        "purification. " + r["eot"]]
+    lines += ["", "Images broken by each attack (first in the cascade to break them):", ""]
+    lines += _table(["defense"] + r["attacks"], [
+        [n] + ["–" if r["broken_by"][n][a] is None else str(r["broken_by"][n][a])
+               for a in r["attacks"]] for n in r["defenses"]])
+    lines += ["", f"Attacks, in cascade order: {_attack_text(r)}. Gradients: BPDA "
+              "straight-through for JPEG and bit depth, exact for the blur, purify_bpda (exact "
+              "given the cluster and OMP supports) for purification. " + r["eot"]]
     c, san = r["curve"], r["sanity"]
     e0, mono, unb = san["eps0_equals_clean"], san["monotone_in_eps"], san["unbounded"]
     ok = lambda passed: "passed" if passed else "**FAILED**"  # noqa: E731
     lines += ["", "## Sanity checks", "",
-              f"- ε = 0 gives clean accuracy, per image ({c['attack']}, n = {c['n']}): "
-              f"{ok(e0['passed'])}; images that differ: "
+              f"- ε = 0 breaks no image ({c['attack']}, n = {c['n']}): "
+              f"{ok(e0['passed'])}; images broken: "
               + ", ".join(f"{n} {v}" for n, v in e0["mismatches"].items()) + ".",
               f"- accuracy does not rise with ε ({c['attack']}): {ok(mono['passed'])}"
               + "".join(f"; {x['defense']} rises from {_pct(x['from'])}% at "
@@ -274,19 +293,29 @@ def render_markdown(r: dict) -> str:
                  f"the attacked images (clean: the true class's cluster for "
                  f"{_pct(sel['clean_true_cluster_rate'])}%; of those, "
                  f"{_pct(sel['switched_from_true_cluster'])}% switched)."))
-    lines += ["", f"## Accuracy (%) against ε ({c['attack']}, n = {c['n']})", ""]
+    lines += ["", f"## Accuracy (%) against ε ({c['attack']} alone, n = {c['n']})", ""]
     lines += _table(["defense"] + [_eps_text(e, norm) for e in c["eps"]],
                     [[n] + [_pct(v) for v in c["robust"][n]] for n in r["defenses"]])
     lines += ["", "## Seconds per attack (compilation included; transfer and selector images "
-              "are made once and charged to the first defense scored)", ""]
+              "are made once for every image and charged to the first defense that uses them)",
+              ""]
     lines += _table(["defense"] + r["attacks"], [
         [n] + ["–" if r["seconds"][n][a] is None else f"{r['seconds'][n][a]:.1f}"
                for a in r["attacks"]] for n in r["defenses"]])
     return "\n".join(lines) + "\n"
 
 
+def _cell_value(v: str):
+    if v == "–":
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
 def parse_markdown_table(text: str) -> dict:
-    """{defense: {column: percent or None}} from the report's first table."""
+    """{defense: {column: percent, None or the cell's text}} from the report's first table."""
     rows = [line for line in text.splitlines() if line.startswith("|")]
     header = [h.strip() for h in rows[0].strip("|").split("|")]
     out = {}
@@ -296,8 +325,7 @@ def parse_markdown_table(text: str) -> dict:
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) != len(header):
             break
-        out[cells[0]] = {h: (None if v == "–" else float(v)) for h, v in zip(header[1:],
-                                                                              cells[1:])}
+        out[cells[0]] = {h: _cell_value(v) for h, v in zip(header[1:], cells[1:])}
     return out
 
 

@@ -1,4 +1,5 @@
-"""Evaluation: BPDA gradients, adaptive attacks, the per-image worst case, reports, evaluate.py."""
+"""Evaluation: BPDA gradients, adaptive attacks, the cascade and its resuming, the verdict, reports,
+evaluate.py."""
 import json
 import os
 import shutil
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 from jax.tree_util import Partial
 
-from srdjax import defenses, evaluation, parallel, report
-from srdjax.attacks import whole_defense
+from srdjax import cascade, defenses, evaluation, parallel, report, stats
 from srdjax import purifier as pur
+from srdjax.attacks import whole_defense
 from srdjax.attacks import ce_loss
 from srdjax.checks import SrdjaxError
 from srdjax.models import create_model, split_model
@@ -147,16 +148,93 @@ def test_eot_averages_random_draws_and_is_exact_when_nothing_is_random():
     np.testing.assert_allclose(exact(x), f(x), rtol=1e-6, atol=1e-6)
 
 
-# ------------------------------------------------------------------------------ the matrix
+# ------------------------------------------------------------------------------ the cascade
 
 
-def test_worst_case_is_the_per_image_minimum_over_attacks():
-    rng = np.random.default_rng(0)
-    clean = rng.random(50) < 0.8
-    adv = {a: rng.random(50) < 0.5 for a in ("fgsm", "pgd20", "square")}
-    expected = np.array([clean[i] and all(v[i] for v in adv.values()) for i in range(50)])
-    np.testing.assert_array_equal(report.worst_case(clean, adv), expected)
-    assert report.worst_case(clean, adv).mean() <= min(v.mean() for v in adv.values())
+def _mesh():
+    return parallel.make_mesh(jax.devices()[:2])
+
+
+def _full_matrix(d, names, x, y, clean, s, mesh, source=None):
+    """Every attack on every clean-correct image (no cascade): per attack, correct after it."""
+    rows = np.flatnonzero(clean)
+    out = {}
+    for a in names:
+        target = source if a in cascade.TRANSFER_SOURCES else d
+        adv = cascade.attack_rows(a, target, x, y, rows, eps=s.eps, s=s, mesh=mesh)
+        correct = np.zeros(len(y), bool)
+        correct[rows] = cascade.predict(d, adv, np.arange(len(rows)), s.batch_size, mesh) == y[rows]
+        out[a] = correct
+    return out
+
+
+def test_the_cascade_gives_the_worst_case_of_every_attack_on_every_image():
+    """A tiny classifier behind bit-depth reduction (BPDA), 14 images, a cascade of a transfer
+    attack, FGSM, PGD, APGD-CE and Square: per image, the first attack that breaks it in the
+    cascade is the first in order that breaks it when every attack runs on every image (the
+    attacks' draws are keyed per image, so batch composition does not matter), and the images
+    none breaks are the same. Some images are broken early and skipped by later attacks, and
+    later attacks break images earlier ones missed, so the test does test the skipping."""
+    names = ("transfer-baseline", "fgsm", "pgd20", "apgd-ce", "square")
+    s = _settings(batch_size=4, attacks=names, eps=2 / 255, pgd20_steps=5, apgd_steps=5,
+                  square_queries=20, transfer_steps=3)
+    clf, mesh = _classifier(seed=3), _mesh()
+    d = evaluation.make_defense("bit_depth", clf, s=s)
+    source = evaluation.make_defense("none", _classifier(seed=4))
+    x = np.asarray(_images(n=14, size=8, seed=5))
+    y = np.asarray(cascade.predict(d, x, np.arange(14), 4, mesh), np.int32)
+    y[[2, 9]] = (y[[2, 9]] + 1) % 10                       # two clean errors
+    clean = y == cascade.predict(d, x, np.arange(14), 4, mesh)
+    shared = cascade.SharedImages(x, y, s, mesh, {"baseline": source})
+    broken_by, seconds = cascade.run(d, names, x, y, clean, eps=s.eps, s=s, mesh=mesh,
+                                     cache=None, cell_parts={}, stages_used=(), shared=shared)
+    full = _full_matrix(d, names, x, y, clean, s, mesh, source)
+    expected = np.where(clean, stats.ROBUST, stats.CLEAN_ERROR)
+    for j, a in reversed(list(enumerate(names))):
+        expected[clean & ~full[a]] = j
+    np.testing.assert_array_equal(broken_by, expected)
+    assert set(seconds) == set(names)
+    first = np.sum(clean & ~full[names[0]])
+    assert 0 < first < clean.sum() and len(set(broken_by[broken_by >= 0])) >= 2
+    assert np.sum(broken_by == stats.ROBUST) < np.sum(clean & full[names[0]])
+
+
+def test_eps_zero_breaks_no_image_in_the_cascade():
+    """Every attack at ε = 0 returns x itself, through the sharded cascade (2 devices, padded
+    batches), against a BPDA defense and (transfer) the bare model: nothing is broken."""
+    names = ("fgsm", "pgd20", "apgd-dlr", "square", "transfer-baseline")
+    s = _settings(batch_size=4, attacks=names, eps=0.0)
+    clf, mesh = _classifier(), _mesh()
+    d = evaluation.make_defense("bit_depth", clf, s=s)
+    x = np.asarray(_images(n=7, size=8))
+    y = np.asarray([0, 1, 2, 3, 4, 5, 6], np.int32)
+    clean = evaluation.predict_correct(d, x, y, s, mesh)
+    shared = cascade.SharedImages(x, y, s, mesh, {"baseline": evaluation.make_defense("none", clf)})
+    broken_by, seconds = cascade.run(d, names, x, y, clean, eps=0.0, s=s, mesh=mesh, cache=None,
+                                     cell_parts={}, stages_used=(), shared=shared)
+    np.testing.assert_array_equal(broken_by, np.where(clean, -1, -2))
+    assert clean.any() and set(seconds) == set(names)
+
+
+def test_selector_success_at_eps_zero_is_the_per_image_clean_choice(tmp_path):
+    """At ε = 0 the selector attack returns x, so the selector success (2 devices, a padded
+    last batch) is purify's clean cluster choice per image, wrong class or not."""
+    p, d = _purify_defense()
+    s = _settings(batch_size=4, attacks=("selector",), eps=0.0)
+    x = np.asarray(_images(n=7))
+    y = np.asarray([0, 1, 1, 0, 1, 0, 0], np.int32)
+    mesh = _mesh()
+    shared = cascade.SharedImages(x, y, s, mesh, {}, d)
+    np.testing.assert_array_equal(shared.images("selector", 0.0), x)
+    cache = cascade.CellCache(tmp_path, {st: "x" for st in evaluation.PURIFY_STAGES}, "code")
+    out = evaluation._selector_outcome(d, shared, x, y, s, mesh, cache)
+    expected = np.asarray(whole_defense.selector_success(p, jnp.asarray(x), jnp.asarray(y)))
+    assert 0 < expected.sum() < len(y)                       # both outcomes occur
+    np.testing.assert_array_equal(out["wrong"], expected)
+    np.testing.assert_array_equal(out["true_cluster"], ~expected)
+
+
+# ------------------------------------------------------------------------------ the verdict
 
 
 def _kept(n, idx):
@@ -166,98 +244,81 @@ def _kept(n, idx):
 
 
 @pytest.mark.parametrize("ours, theirs, expected", [
-    (range(0, 44), range(30, 68), "does not beat PGD-AT beyond chance"),  # 22.0 vs 19.0 of 200
-    (range(0, 44), range(6, 44), "beats PGD-AT"),  # the same, but every disagreement for ours
-    (range(0, 120), range(80, 120), "beats PGD-AT"),
-    (range(0, 30), range(0, 50), "does not beat PGD-AT under the worst case: its best"),
+    (range(0, 44), range(30, 68), "srd_robust does not beat PGD-AT"),   # 22.0 vs 19.0 of 200
+    (range(0, 44), range(6, 44), "srd_robust beats PGD-AT"),   # every disagreement for ours
+    (range(0, 120), range(80, 120), "srd_robust beats PGD-AT"),
+    (range(0, 30), range(0, 50), "PGD-AT beats srd_robust"),
+    (range(0, 30), range(0, 34), "srd_robust does not beat PGD-AT"),
 ])
-def test_verdict_beats_pgd_at_only_when_the_paired_interval_is_above_zero(ours, theirs, expected):
+def test_the_verdict_compares_the_named_defense_by_mcnemar(ours, theirs, expected):
+    """The verdict is about `compare` (srd_robust) even where srd_baseline keeps more images;
+    its p-value is scipy's exact binomial test on the discordant images, its interval the
+    Clopper–Pearson interval of b / (b + c) mapped to the difference."""
     import scipy.stats
     n = 200
-    per_image = {"pgd_at": _kept(n, theirs), "srd_robust": _kept(n, ours),
-                 "srd_baseline": _kept(n, range(0, 10))}
-    worst = {k: v.mean() for k, v in per_image.items()}
-    text, c = report._verdict(list(per_image), worst, per_image)
-    assert expected in text and c["defense"] == "srd_robust" and c["n"] == n
-    # reference: the mean of the per-image differences and scipy's standard error of it
-    diff = per_image["srd_robust"].astype(float) - per_image["pgd_at"]
-    half = scipy.stats.norm.ppf(0.975) * scipy.stats.sem(diff, ddof=0)
+    robust = {"pgd_at": _kept(n, theirs), "srd_robust": _kept(n, ours),
+              "srd_baseline": _kept(n, range(0, 150))}
+    text, c = report.verdict_against_pgd_at("srd_robust", robust)
+    assert text.startswith(expected) and c["defense"] == "srd_robust" and c["n"] == n
+    diff = robust["srd_robust"].astype(int) - robust["pgd_at"]
+    b, cc = int(np.sum(diff > 0)), int(np.sum(diff < 0))
+    assert (c["b"], c["c"]) == (b, cc)
+    ref = scipy.stats.binomtest(b, b + cc, 0.5)
+    assert c["p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
+    ci = ref.proportion_ci(method="exact")
     np.testing.assert_allclose([c["difference"], c["low"], c["high"]],
-                               [diff.mean(), diff.mean() - half, diff.mean() + half], atol=1e-4)
-    assert (c["only_ours"], c["only_theirs"]) == (np.sum(diff > 0), np.sum(diff < 0))
-    assert f"{100 * worst['srd_robust']:.1f}% " in text + " "
+                               [diff.mean(), (b + cc) / n * (2 * ci.low - 1),
+                                (b + cc) / n * (2 * ci.high - 1)], atol=1e-9)
+    assert f"{100 * robust['srd_robust'].mean():.1f}%" in text
+    assert "srd_baseline" not in text
 
 
-@pytest.mark.parametrize("ours, theirs", [(np.ones(5, bool), np.ones(4, bool)),
-                                          (np.ones(5, bool), np.ones(5)),
-                                          (np.ones((2, 3), bool), np.ones((2, 3), bool)),
-                                          (np.ones(0, bool), np.ones(0, bool))])
-def test_paired_difference_refuses_unpaired_input(ours, theirs):
-    with pytest.raises(SrdjaxError, match="two non-empty 1-d boolean arrays of the same length"):
-        report.paired_difference(ours, theirs)
-
-
-def test_eps_zero_attacks_give_the_clean_prediction_for_every_image():
-    """Every attack at ε = 0 returns x itself, through the sharded matrix (2 devices, a padded
-    last batch of 3 real rows in 4), against a BPDA defense and (transfer) the bare model."""
-    s = _settings(batch_size=4, attacks=("fgsm", "pgd20", "apgd-dlr", "square", "transfer"))
-    clf = _classifier()
-    built = {"bit_depth": evaluation.make_defense("bit_depth", clf, s=s)}
-    x = np.asarray(_images(n=7, size=8))
-    y = np.asarray([0, 1, 2, 3, 4, 5, 6], np.int32)
-    mesh = parallel.make_mesh(jax.devices()[:2])
-    clean = {n: evaluation.predict_correct(d, x, y, s, mesh) for n, d in built.items()}
-    run = evaluation.attack_matrix(built, s.attacks, x, y, eps=0.0, s=s, mesh=mesh,
-                                   source=evaluation.make_defense("none", clf))
-    for n in built:
-        for a in s.attacks:
-            np.testing.assert_array_equal(run["correct"][n][a], clean[n], err_msg=f"{n} {a}")
-    assert set(run["seconds"]["bit_depth"]) == set(s.attacks)
-
-
-def test_selector_success_through_the_matrix_is_the_per_image_clean_success_at_eps_zero():
-    """At ε = 0 the selector attack returns x, so the matrix's selector success (2 devices, a
-    padded last batch) is purify's clean cluster choice per image, wrong class or not."""
-    p, d = _purify_defense()
-    s = _settings(batch_size=4, attacks=("selector",))
-    x = np.asarray(_images(n=7))
-    y = np.asarray([0, 1, 1, 0, 1, 0, 0], np.int32)
-    mesh = parallel.make_mesh(jax.devices()[:2])
-    run = evaluation.attack_matrix({"srd": d}, s.attacks, x, y, eps=0.0, s=s, mesh=mesh)
-    expected = np.asarray(whole_defense.selector_success(p, jnp.asarray(x), jnp.asarray(y)))
-    assert 0 < expected.sum() < len(y)                       # both outcomes occur
-    np.testing.assert_array_equal(run["selector_wrong"], expected)
-    np.testing.assert_array_equal(run["correct"]["srd"]["selector"],
-                                  evaluation.predict_correct(d, x, y, s, mesh))
+def test_the_verdict_without_the_named_defense_says_so():
+    text, c = report.verdict_against_pgd_at("srd_robust", {"pgd_at": np.ones(3, bool)})
+    assert c is None and text.startswith("srd_robust not among this run's defenses")
 
 
 # ------------------------------------------------------------------------------ end to end
 
+DEFENSES3 = ("none", "pgd_at", "srd_baseline")
+ATTACKS3 = ("transfer-robust", "fgsm", "pgd20", "selector")
+
+
+def _overrides(**more):
+    return {"evaluate.defenses": DEFENSES3, "evaluate.attacks": ATTACKS3,
+            "evaluate.compare": "srd_baseline", **more}
+
 
 @pytest.fixture(scope="module")
 def evaluated(smoke_workdir, tmp_path_factory):
-    """The smoke run evaluated with 20 images, 3 defenses, 2 short attacks."""
+    """The smoke run evaluated with 20 images, 3 defenses, a cascade of 4 short attacks."""
     workdir = tmp_path_factory.mktemp("eval") / "w"
     shutil.copytree(smoke_workdir, workdir)
-    config = smoke_config(workdir, **{"evaluate.defenses": ("none", "jpeg", "srd_baseline"),
-                                      "evaluate.attacks": ("fgsm", "pgd20")})
-    return workdir, evaluation.evaluate(config)
+    return workdir, evaluation.evaluate(smoke_config(workdir, **_overrides()))
 
 
-def test_evaluate_writes_the_three_reports(evaluated):
+def _per_image(workdir, name="evaluation"):
+    with np.load(workdir / name / "per_image.npz", allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_evaluate_writes_the_reports(evaluated):
     workdir, result = evaluated
     out = workdir / "evaluation"
     assert {"results.json", "results.md", "robust_vs_eps.png", "per_image.npz"} <= {
         p.name for p in out.iterdir()}
     assert (out / "robust_vs_eps.png").stat().st_size > 5000
     saved = json.loads((out / "results.json").read_text())
-    assert saved["n"] == 20 and saved["defenses"] == ["none", "jpeg", "srd_baseline"]
+    assert saved["n"] == 20 and saved["defenses"] == list(DEFENSES3)
+    assert saved["attacks"] == list(ATTACKS3) and saved["compare"] == "srd_baseline"
     assert saved["eps"] == pytest.approx(8 / 255) and saved["curve"]["eps"][0] == 0.0
     assert saved["sanity"]["eps0_equals_clean"]["passed"]
     assert set(saved["sanity"]["unbounded"]["robust"]) == set(saved["defenses"])
-    assert saved["seconds"]["srd_baseline"]["pgd20"] > 0
+    assert saved["robust_after"]["none"]["selector"] is None
+    assert saved["versus_pgd_at"]["defense"] == "srd_baseline"
+    assert saved["verdict"].startswith("srd_baseline ") or saved["verdict"].startswith("PGD-AT")
     md = (out / "results.md").read_text()
-    assert "Sanity checks" in md and "deterministic" in md and "run time" in md
+    assert "Sanity checks" in md and "deterministic" in md and "McNemar" in md
 
 
 def test_json_and_markdown_agree(evaluated):
@@ -267,124 +328,138 @@ def test_json_and_markdown_agree(evaluated):
     assert list(table) == saved["defenses"]
     for n in saved["defenses"]:
         expected = {"clean": saved["clean"][n], "worst case": saved["worst_case"][n],
-                    **saved["robust"][n]}
-        assert set(table[n]) == set(expected)
+                    **saved["robust_after"][n]}
         for column, value in expected.items():
-            assert table[n][column] == pytest.approx(100 * value, abs=0.05), (n, column)
+            assert table[n][column] == (None if value is None else
+                                        pytest.approx(100 * value, abs=0.05)), (n, column)
+        lo, hi = saved["worst_case_interval"][n]
+        assert table[n]["95% interval"] == f"{100 * lo:.1f}–{100 * hi:.1f}"
 
 
-def test_reported_accuracies_are_the_per_image_results(evaluated):
+def test_reported_figures_are_computed_from_the_per_image_results(evaluated):
+    """Every accuracy, count, interval and the McNemar test of the report follow from the
+    per-image broken_by arrays (references: numpy, scipy.stats.binomtest)."""
+    import scipy.stats
     workdir, result = evaluated
-    with np.load(workdir / "evaluation" / "per_image.npz") as f:
-        per = {k: f[k] for k in f.files}
+    per = _per_image(workdir)
     assert per["y"].shape == (20,) and np.bincount(per["y"]).tolist() == [2] * 10
     for n in result["defenses"]:
-        clean = per[f"{n}/clean"]
-        adv = [per[f"{n}/{a}"] for a in result["attacks"]]
-        assert result["clean"][n] == pytest.approx(clean.mean())
-        for a, v in zip(result["attacks"], adv):
-            assert result["robust"][n][a] == pytest.approx((clean & v).mean())
-        worst = np.logical_and.reduce([clean] + adv)
-        np.testing.assert_array_equal(per[f"{n}/worst_case"], worst)
-        assert result["worst_case"][n] == pytest.approx(worst.mean())
+        b = per[f"{n}/broken_by"]
+        assert result["clean"][n] == pytest.approx(np.mean(b != -2))
+        assert result["worst_case"][n] == pytest.approx(np.mean(b == -1))
+        ci = scipy.stats.binomtest(int(np.sum(b == -1)), 20).proportion_ci(method="exact")
+        np.testing.assert_allclose(result["worst_case_interval"][n], [ci.low, ci.high],
+                                   atol=1e-9)
+        for j, a in enumerate(result["attacks"]):
+            if result["robust_after"][n][a] is not None:
+                assert result["robust_after"][n][a] == pytest.approx(
+                    np.mean((b == -1) | (b > j)))
+                assert result["broken_by"][n][a] == np.sum(b == j)
+    ours, theirs = per["srd_baseline/broken_by"] == -1, per["pgd_at/broken_by"] == -1
+    bb, cc = int(np.sum(ours & ~theirs)), int(np.sum(~ours & theirs))
+    v = result["versus_pgd_at"]
+    assert (v["b"], v["c"]) == (bb, cc)
+    assert v["p_value"] == pytest.approx(
+        1.0 if bb + cc == 0 else scipy.stats.binomtest(bb, bb + cc, 0.5).pvalue, rel=1e-9)
 
 
 def test_saved_cells_table_is_the_run_per_image_results_at_its_eps(evaluated):
-    """`evaluate.py --saved` reads the fixture's cells: at ε = 8/255 they are the per-image
-    results of the report (the ε = 0 curve and unbounded cells are left out), and the lowest
-    result so far is the per-image minimum over the attacks."""
+    """`evaluate.py --saved` reads the fixture's cells: at ε = 8/255, per defense and attack,
+    the images still correct after it and every earlier one, as in the report."""
     workdir, result = evaluated
-    with np.load(workdir / "evaluation" / "per_image.npz") as f:
-        per = {k: f[k] for k in f.files}
+    per = _per_image(workdir)
     cells, older = report.saved_cells(workdir / "evaluation" / "cells")
     assert older == 0
-    assert sorted({c["eps"] for c in cells}) == pytest.approx([0.0, 8 / 255, 1.0], rel=1e-5)
-    main = {(c["defense"], c["attack"]): c for c in cells if c["eps"] > 0.03 and c["eps"] < 0.04}
-    assert set(main) == {(n, a) for n in result["defenses"] for a in result["attacks"]}
+    main = {(c["defense"], c["attack"]): c for c in cells
+            if 0.03 < c["eps"] < 0.04 and c["part"] == "cascade"}
+    assert {c["part"] for c in cells} == {"cascade", "curve"}
+    assert set(main) == {(n, a) for n in result["defenses"] for a in result["worst_case_over"][n]
+                         if (per[f"{n}/broken_by"] == -1).any()
+                         or (per[f"{n}/broken_by"] >= result["attacks"].index(a)).any()}
     for (n, a), c in main.items():
-        np.testing.assert_array_equal(c["correct"], per[f"{n}/{a}"])
+        b = per[f"{n}/broken_by"]
+        j = result["attacks"].index(a)
+        np.testing.assert_array_equal(c["rows"], np.flatnonzero((b == -1) | (b >= j)))
+        np.testing.assert_array_equal(c["correct"], (b[c["rows"]] == -1) | (b[c["rows"]] > j))
     out = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--config",
                           str(REPO / "configs" / "smoke.py"), f"--config.workdir={workdir}",
-                          "--saved"], capture_output=True, text=True, timeout=300)
+                          f"--config.evaluate.attacks={ATTACKS3!r}", "--saved"],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     rows = {line.split("|")[1].strip(): [v.strip() for v in line.split("|")[2:-1]]
             for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line}
-    assert rows["defense"] == result["attacks"] + ["lowest so far", "cells"]
+    assert rows["defense"][-2:] == ["robust so far", "cells"]
     for n in result["defenses"]:
-        lowest = np.logical_and.reduce([per[f"{n}/{a}"] for a in result["attacks"]]).mean()
-        assert rows[n] == [f"{100 * per[f'{n}/{a}'].mean():.1f}" for a in result["attacks"]] + [
-            f"{100 * lowest:.1f}", str(len(result["attacks"]))]
+        assert rows[n][-2] == f"{100 * result['worst_case'][n]:.1f}", (n, rows[n])
+
+
+def test_a_killed_evaluation_resumes_to_the_same_result(evaluated):
+    """A run stopped after k computed cells (as a kill would stop it), then the same command:
+    the cells saved before the stop are reused, the rest computed, and the per-image result is
+    the uninterrupted run's. A deleted or corrupt cell runs again; a changed defense option
+    re-attacks only that defense; resume=False re-attacks everything."""
+    workdir, first = evaluated
+    total = first["cells"]["run"]
+    assert first["cells"]["resumed"] == 0 and total >= 10
+    out = "evaluation_killed"
+    with pytest.raises(cascade.CascadeStopped):
+        evaluation.evaluate(smoke_config(workdir, **_overrides(**{"evaluate.output": out})),
+                            stop_after=4)
+    assert len(list((workdir / out / "cells").glob("*.npz"))) == 4
+    resumed = evaluation.evaluate(smoke_config(workdir, **_overrides(**{"evaluate.output": out})))
+    assert resumed["cells"] == {"run": total - 4, "resumed": 4,
+                                "attack_seconds": pytest.approx(resumed["cells"]["attack_seconds"])}
+    want = _per_image(workdir)
+    for key, value in _per_image(workdir, out).items():
+        np.testing.assert_array_equal(value, want[key], err_msg=key)
+    assert resumed["verdict"] == first["verdict"]
+
+    again = evaluation.evaluate(smoke_config(workdir, **_overrides(**{"evaluate.output": out})))
+    assert again["cells"]["run"] == 0 and again["cells"]["resumed"] == total
+    assert f"{total} of {total} attack cells resumed" in (workdir / out / "results.md").read_text()
+    saved = sorted((workdir / out / "cells").glob("srd_baseline.*.npz"))
+    saved[0].unlink()
+    saved[1].write_bytes(b"not an npz file")
+    again = evaluation.evaluate(smoke_config(workdir, **_overrides(**{"evaluate.output": out})))
+    assert again["cells"]["run"] == 2
+    for key, value in _per_image(workdir, out).items():
+        np.testing.assert_array_equal(value, want[key], err_msg=key)
+    fresh = evaluation.evaluate(smoke_config(workdir, **_overrides(
+        **{"evaluate.output": out, "evaluate.resume": False})))
+    assert fresh["cells"]["run"] == total and fresh["cells"]["resumed"] == 0
 
 
 def test_saved_cells_keep_the_newest_of_a_cell_and_skip_what_is_not_a_cell(tmp_path):
-    cache = evaluation.CellCache(tmp_path, {})
+    cache = cascade.CellCache(tmp_path, {}, "code")
     rng = np.random.default_rng(0)
+    rows = np.arange(2, 12)
     first, second, other = (rng.random(10) < 0.5 for _ in range(3))
-    cache.save("a", first, 1.0, "jpeg under pgd20 at eps 0.0313725, 10 images")
-    cache.save("b", other, 2.0, "jpeg under fgsm at eps 0.0313725, 10 images")
-    cache.save("c", second, 3.0, "jpeg under pgd20 at eps 0.0313725, 10 images")
+    text = "jpeg under {} at eps 0.0313725: 10 of 12 images attacked (cascade)"
+    cache.save("a", rows, first, 1.0, text.format("pgd20"))
+    cache.save("b", rows, other, 2.0, text.format("fgsm"))
+    cache.save("c", rows, second, 3.0, text.format("pgd20"))
     for name, t in (("a", 0), ("b", 5), ("c", 10)):  # a and c: the same cell; c is newer
         os.utime(tmp_path / f"{name}.npz", (1e9 + t, 1e9 + t))
-    cache.save("s", first, 0.0, "selector success at eps 0.0313725")
+    cache.save("s", rows, first, 0.0, "selector success at eps 0.0313725")
+    cache.save("v", rows, first, 0.0, "jpeg under pgd20 at eps 0.0313725: 10 of 12 images "
+                                      "attacked (curve)")
     (tmp_path / "broken.npz").write_bytes(b"not an npz")
     cells, older = report.saved_cells(tmp_path)
     assert sorted((c["attack"], c["file"]) for c in cells) == [("fgsm", "b.npz"),
-                                                                ("pgd20", "c.npz")]
+                                                                ("pgd20", "c.npz"),
+                                                                ("pgd20", "v.npz")]
     assert older == 1
-    text = report.saved_cells_markdown(tmp_path)
-    row = next(line for line in text.splitlines() if line.startswith("| jpeg"))
-    lowest = (second & other).mean()
-    assert text.splitlines()[2] == "| defense | pgd20 | fgsm | lowest so far | cells |"
-    assert row == (f"| jpeg | {100 * second.mean():.1f} | {100 * other.mean():.1f} | "
-                   f"{100 * lowest:.1f} | 2 |")
-    assert text.endswith("1 older file(s) of the same cells passed over.")
+    md = report.saved_cells_markdown(tmp_path, order=("fgsm", "pgd20"))
+    row = next(line for line in md.splitlines() if line.startswith("| jpeg"))
+    assert md.splitlines()[2] == "| defense | fgsm | pgd20 | robust so far | cells |"
+    low = min(other.sum(), second.sum()) / 12
+    assert row == (f"| jpeg | {100 * other.sum() / 12:.1f} | {100 * second.sum() / 12:.1f} | "
+                   f"{100 * low:.1f} | 2 |")
+    assert md.endswith("1 older file(s) of the same cells passed over.")
     with pytest.raises(SrdjaxError, match="no saved evaluation cells"):
         report.saved_cells_markdown(tmp_path / "none")
     with pytest.raises(SrdjaxError, match="no saved cells at eps 0.5"):
         report.saved_cells_markdown(tmp_path, eps=0.5)
-
-
-def test_a_stopped_evaluation_resumes_from_its_saved_cells(evaluated):
-    """The cells saved by the fixture's run are reused by the same command (same per-image
-    results, nothing re-attacked); a deleted or corrupt cell file is attacked again; a changed
-    defense option re-attacks only that defense; resume=False re-attacks everything."""
-    workdir, first = evaluated
-    cells = sorted((workdir / "evaluation" / "cells").glob("*.npz"))
-    # 3 defenses × (2 attacks at ε = 8/255, pgd20 at ε = 0 for the curve, the unbounded check).
-    assert len(cells) == 3 * 4 and first["cells"] == {
-        "run": 12, "resumed": 0, "attack_seconds": pytest.approx(sum(
-            v or 0.0 for per in first["seconds"].values() for v in per.values()), abs=0.2)}
-    out = workdir / "evaluation_resumed"
-    shutil.copytree(workdir / "evaluation" / "cells", out / "cells")
-    overrides = {"evaluate.defenses": ("none", "jpeg", "srd_baseline"),
-                 "evaluate.attacks": ("fgsm", "pgd20"), "evaluate.output": out.name}
-
-    def per_image(name):
-        with np.load(workdir / name / "per_image.npz", allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-
-    resumed = evaluation.evaluate(smoke_config(workdir, **overrides))
-    assert resumed["cells"]["run"] == 0 and resumed["cells"]["resumed"] == 12
-    assert resumed["seconds"] == first["seconds"]
-    assert "12 of 12 attack cells resumed" in (out / "results.md").read_text()
-    want = per_image("evaluation")
-    for key, value in per_image(out.name).items():
-        np.testing.assert_array_equal(value, want[key], err_msg=key)
-
-    saved = sorted((out / "cells").glob("*.npz"))
-    saved[0].unlink()
-    saved[1].write_bytes(b"not an npz file")
-    again = evaluation.evaluate(smoke_config(workdir, **overrides))
-    assert again["cells"]["run"] == 2 and again["cells"]["resumed"] == 10
-    for key, value in per_image(out.name).items():
-        np.testing.assert_array_equal(value, want[key], err_msg=key)
-
-    changed = evaluation.evaluate(smoke_config(workdir, **overrides,
-                                               **{"evaluate.jpeg_quality": 40}))
-    assert changed["cells"]["run"] == 4 and changed["cells"]["resumed"] == 8    # jpeg's 4
-    fresh = evaluation.evaluate(smoke_config(workdir, **overrides,
-                                             **{"evaluate.resume": False}))
-    assert fresh["cells"]["run"] == 12 and fresh["cells"]["resumed"] == 0
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -393,6 +468,9 @@ def test_a_stopped_evaluation_resumes_from_its_saved_cells(evaluated):
 @pytest.mark.parametrize("field,value,message", [
     ("defenses", ("none", "jpg"), "unknown defense 'jpg'.*known defenses: none, jpeg"),
     ("attacks", ("pgd20", "cw"), "unknown attack 'cw'.*known attacks: fgsm, pgd20"),
+    ("attacks", ("pgd20", "fgsm", "pgd20"), "names an attack twice"),
+    ("compare", "pgd_at", "evaluate.compare must name the defense compared with PGD-AT"),
+    ("compare", "srd", "evaluate.compare must name .*got 'srd'"),
     ("eps", 8.0, r"evaluate.eps must lie in \[0, 1\].*got 8.0"),
     ("eps_list", (0.0, -0.1), r"evaluate.eps_list must lie in \[0, 1\]"),
 ])
@@ -404,9 +482,12 @@ def test_bad_settings_get_one_clear_error(field, value, message):
 def test_a_checkpoint_missing_a_stage_names_it_and_the_defense(smoke_workdir, tmp_path):
     shutil.copytree(smoke_workdir, tmp_path / "w", ignore=shutil.ignore_patterns("evaluation"))
     shutil.rmtree(tmp_path / "w" / "dictionaries")
-    config = smoke_config(tmp_path / "w", **{"evaluate.defenses": ("none", "srd_robust")})
+    shutil.rmtree(tmp_path / "w" / "pgd_at")
+    config = smoke_config(tmp_path / "w", **{"evaluate.defenses": ("none", "srd_robust"),
+                                             "evaluate.attacks": ("fgsm", "transfer-pgd_at")})
     with pytest.raises(SrdjaxError, match="no finished stage 'dictionaries' "
-                                          r"\(needed by defense srd_robust\)"):
+                                          r"\(needed by defense srd_robust\); 'pgd_at' "
+                                          r"\(needed by the transfer-pgd_at attack\)"):
         evaluation.evaluate(config)
 
 
@@ -429,7 +510,7 @@ def test_evaluate_py_on_two_processes_gives_the_one_process_results(evaluated, t
     args = [sys.executable, "evaluate.py", "--config", "configs/smoke.py",
             f"--config.workdir={workdir}", "--config.evaluate.output=evaluation_2proc",
             "--config.evaluate.defenses=('srd_baseline',)", "--config.evaluate.curve_per_class=1",
-            "--config.evaluate.attacks=('fgsm','pgd20')",
+            f"--config.evaluate.attacks={ATTACKS3!r}", "--config.evaluate.compare=srd_baseline",
             f"--config.distributed.coordinator=127.0.0.1:{port}",
             "--config.distributed.num_processes=2"]
     procs = [subprocess.Popen(args + [f"--config.distributed.process_id={i}"], cwd=REPO,
@@ -439,8 +520,8 @@ def test_evaluate_py_on_two_processes_gives_the_one_process_results(evaluated, t
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "worst case" in outs[0][0] and "worst case" not in outs[1][0]
-    one = np.load(workdir / "evaluation" / "per_image.npz", allow_pickle=False)
-    two = np.load(workdir / "evaluation_2proc" / "per_image.npz", allow_pickle=False)
-    assert set(two.files) < set(one.files) and len(two.files) == 2 + 4  # index, y, 4 results
-    for key in two.files:
+    one = _per_image(workdir)
+    two = _per_image(workdir, "evaluation_2proc")
+    assert set(two) == {"test_index", "y", "srd_baseline/broken_by"}
+    for key in two:
         np.testing.assert_array_equal(one[key], two[key], err_msg=key)

@@ -17,9 +17,6 @@ PRIMITIVES = {"srdjax." + m for m in (
     "kmeans_lloyd", "kmeans_seeding", "kmeans_select", "omp", "frequency", "attacks")}
 ABOVE_PRIMITIVES = {"srdjax.attacks.whole_defense"}
 
-# KNOWN EXCEPTION, to be removed: evaluation <-> report is being taken apart (the report is to
-# be fed results instead of importing the evaluator). Any other cycle fails this test.
-KNOWN_CYCLES = [{"srdjax.evaluation", "srdjax.report"}]
 
 
 def module_name(path: Path, src: Path = SRC) -> str:
@@ -125,8 +122,7 @@ def test_the_graph_sees_imports_of_every_form(graph, tmp_path):
 
 def test_no_import_cycles(graph):
     found = cycles(graph)
-    unexpected = [sorted(c) for c in found if c not in KNOWN_CYCLES]
-    assert not unexpected, f"import cycles in srdjax/: {unexpected}"
+    assert not found, f"import cycles in srdjax/: {[sorted(c) for c in found]}"
 
 
 def test_primitives_import_nothing_above_them(graph):

@@ -25,8 +25,7 @@ AutoAttack found 0%). Two attacks aim at the choice itself:
 is deterministic, so the evaluation needs it for none of its defenses; it is there for defenses
 that draw random numbers.
 
-`attack_images` runs one of the evaluation's named attacks against a defense, and
-`sharded_attack` compiles it once per attack to run on every device's part of a batch.
+Which attack runs against which defense, in what order, is `srdjax.cascade`'s.
 """
 from __future__ import annotations
 
@@ -36,7 +35,6 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 from jax.tree_util import Partial
 
 from srdjax import attacks
@@ -106,12 +104,13 @@ def selector_margin(p: purifier_lib.Purifier, y, x):
             - jnp.min(jnp.where(own, jnp.inf, d), axis=1))
 
 
-def selector_attack(p: purifier_lib.Purifier, x, y, *, eps, key, steps=100, norm="linf"):
+def selector_attack(p: purifier_lib.Purifier, x, y, *, eps, key, steps=100, norm="linf",
+                    ids=None):
     """Images in the ε-ball that push the robust latent toward a wrong class's nearest cluster
-    (the visited point of largest `selector_margin`, per image)."""
+    (the visited point of largest `selector_margin`, per image; random starts keyed by `ids`)."""
     check_labels(y, jnp.shape(x)[0])
     return attacks.pgd_on_loss(Partial(selector_margin, p, y), x, eps=eps, key=key, steps=steps,
-                               norm=norm)
+                               norm=norm, ids=ids)
 
 
 def chosen_class(p: purifier_lib.Purifier, x):
@@ -178,60 +177,8 @@ def selector_success(p: purifier_lib.Purifier, x_adv, y):
 # ------------------------------------------------------------------------------ dispatch
 
 
-def attack_images(name: str, d: Defense, x, y, *, eps, key, s):
-    """Adversarial images of the evaluation's attack `name` against defense `d`, with the steps
-    and norm of `s` (an `evaluation.Settings`); for "transfer", `d` is the undefended model the
-    images are made on."""
-    fn = Partial(attack_logits, d)
-    common = dict(eps=eps, key=key, norm=s.norm)
-    if name == "fgsm":
-        return attacks.fgsm(fn, x, y, **common)
-    if name == "pgd20":
-        return attacks.pgd(fn, x, y, steps=s.pgd20_steps, **common)
-    if name == "pgd100":
-        return attacks.pgd(fn, x, y, steps=s.pgd100_steps, restarts=s.pgd100_restarts, **common)
-    if name in ("apgd-ce", "apgd-dlr"):
-        return attacks.apgd(fn, x, y, steps=s.apgd_steps, loss=name[5:], **common)
-    if name == "square":
-        return attacks.square(fn, x, y, eps=eps, key=key, n_queries=s.square_queries)
-    if name == "transfer":
-        return attacks.pgd(fn, x, y, steps=s.transfer_steps, **common)
-    if name == "selector":
-        return selector_attack(d.purifier, x, y, steps=s.selector_steps, **common)
-    surrogate = Partial(_surrogate(s.surrogate_top, float(s.surrogate_temperature)),
-                        d.purifier, d.classifier)
-    return attacks.pgd(surrogate, x, y, steps=s.surrogate_steps, **common)
-
-
 @functools.lru_cache(maxsize=None)
 def _surrogate(top: int, temperature: float):
     """surrogate_logits with its static settings bound, one function object per setting (so
     jitted attack steps that take it as a Partial compile once)."""
     return functools.partial(surrogate_logits, top=top, temperature=temperature)
-
-
-@functools.lru_cache(maxsize=None)
-def sharded_attack(name: str, s, mesh):
-    """attack_images as one jitted program per attack, run on every device's part of the batch.
-
-    Attacks are per image, so running them per device changes nothing but where they run; it
-    also sidesteps an XLA CPU bug: jit over a batch sharded by SPMD partitioning fails with
-    "fft_thunk ... IsMonotonicWithDim0Major" when PGD loops over purify_bpda's FFT gradient.
-    (check_vma=False: the attack loops carry per-device values in replicated-looking carries.)"""
-    axis = mesh.axis_names[0]
-
-    def run(d, x, y, key, eps):
-        key = jax.random.fold_in(key, jax.lax.axis_index(axis))
-        return attack_images(name, d, x, y, eps=eps, key=key, s=s)
-
-    return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P(axis), P(axis), P(), P()),
-                                 out_specs=P(axis), check_vma=False))
-
-
-def host_attack(name: str, s, mesh):
-    """attack_images with the attack's loops run from the host (see `attacks.LOOPS`), each
-    step one jitted program over the batch as it is sharded on `mesh`: the way to attack on a
-    CPU, where XLA runs loop bodies slowly and compiles long unrolled ones slowly."""
-    def run(d, x, y, key, eps):
-        return attack_images(name, d, x, y, eps=eps, key=key, s=s)
-    return run
