@@ -1,6 +1,6 @@
 """Seconds per image of each standard AutoAttack attack, on a bare classifier and on srd_robust.
 
-    python benchmarks/attack_speed.py                       # 16 bare images, 4 through srd_robust
+    python benchmarks/attack_speed.py                       # 64 bare images, 8 through srd_robust
     python benchmarks/attack_speed.py --n-bare 32 --n-defense 8 --attacks apgd-ce square
 
 Each attack runs at its standard AutoAttack strength (APGD-CE 100 steps; APGD-T 100 steps x 9
@@ -43,8 +43,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default=str(WORKDIR))
     p.add_argument("--stage", default="pgd_at", help="the bare classifier's stage")
-    p.add_argument("--n-bare", type=int, default=16)
-    p.add_argument("--n-defense", type=int, default=4)
+    p.add_argument("--n-bare", type=int, default=64)
+    p.add_argument("--n-defense", type=int, default=8)
     p.add_argument("--defenses", nargs="+", default=["bare", "srd_robust"],
                    choices=["bare", "srd_robust"])
     p.add_argument("--attacks", nargs="+", default=list(SUITE), choices=list(SUITE))

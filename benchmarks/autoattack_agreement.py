@@ -4,6 +4,8 @@
     python benchmarks/autoattack_agreement.py --n 100
     python benchmarks/autoattack_agreement.py --norm l2             # eps 0.5
     python benchmarks/autoattack_agreement.py --check-bridge        # the bridge's gradient only
+    python benchmarks/autoattack_agreement.py --side torchattacks   # the reference side alone,
+    python benchmarks/autoattack_agreement.py --reference FILE      # ... later compared with it
 
 The peer is installed by hand, never by requirements.txt (torch's CPU wheel is about 190 MB;
 from PyPI alone torch also pulls about 3 GB of CUDA libraries, which `--no-deps` leaves out:
@@ -66,6 +68,11 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=250, help="images per attack call on both sides")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check-bridge", action="store_true", help="only compare the gradients")
+    p.add_argument("--side", choices=("both", "torchattacks"), default="both",
+                   help="torchattacks: run and save the reference side alone")
+    p.add_argument("--reference", default=None,
+                   help="a saved --side torchattacks result on the same settings, used instead "
+                        "of running the reference again")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.n < 10 or args.n % 10:
@@ -277,39 +284,67 @@ def main(argv=None):
           f"(max |grad| {bridge['max_abs_grad']:.3g}, relative {bridge['relative_diff']:.3g})")
     result = {"classifier": f"{args.workdir}:{args.stage}", "n": args.n, "norm": args.norm,
               "eps": args.eps, "seed": args.seed, "bridge": bridge}
+    settings = dict(norm=args.norm, eps=args.eps, batch=args.batch, seed=args.seed)
     if not args.check_bridge:
-        import torch
-        import torchattacks
-        settings = dict(norm=args.norm, eps=args.eps, batch=args.batch, seed=args.seed)
-        print("srdjax autoattack (standard) ...", flush=True)
-        t0 = time.perf_counter()
-        ours, ours_s = run_srdjax(logits_fn, x, y, **settings)
-        ours_s["total"] = time.perf_counter() - t0
-        print("torchattacks suite ...", flush=True)
-        t0 = time.perf_counter()
-        ref, ref_s = run_torch(logits_fn, x, y, **settings)
-        ref_s["total"] = time.perf_counter() - t0
-        result.update({
-            "srdjax": {"robust_accuracy": summary(ours), "seconds": ours_s,
-                       "broken_by": ours.tolist()},
-            "torchattacks": {"robust_accuracy": summary(ref), "seconds": ref_s,
-                             "broken_by": ref.tolist(), "version": torchattacks.__version__,
-                             "torch": torch.__version__},
-            "test_index": index.tolist(), "suite": list(SUITE),
-            "disagreements": compare(ours, ref, index)})
-        a, b = result["srdjax"]["robust_accuracy"], result["torchattacks"]["robust_accuracy"]
-        result["difference_points"] = {k: 100 * (a[k] - b[k]) for k in a}
-        print(f"{'robust accuracy':16s} {'srdjax':>8s} {'torchatt':>9s} {'diff pts':>9s}")
-        for k in a:
-            print(f"{k:16s} {a[k]:8.3f} {b[k]:9.3f} {100 * (a[k] - b[k]):+9.1f}")
-        d = result["disagreements"]
-        print(f"robust only under srdjax: {len(d['robust_only_srdjax'])}, only under "
-              f"torchattacks: {len(d['robust_only_torchattacks'])}; wall s: srdjax "
-              f"{ours_s['total']:.0f}, torchattacks {ref_s['total']:.0f}")
+        result.update({"test_index": index.tolist(), "suite": list(SUITE)})
+        if args.side == "both":
+            print("srdjax autoattack (standard) ...", flush=True)
+            t0 = time.perf_counter()
+            ours, ours_s = run_srdjax(logits_fn, x, y, **settings)
+            ours_s["total"] = time.perf_counter() - t0
+            result["srdjax"] = {"robust_accuracy": summary(ours), "seconds": ours_s,
+                                "broken_by": ours.tolist()}
+        if args.reference:
+            result["torchattacks"] = load_reference(args.reference, result)
+        else:
+            result["torchattacks"] = reference_side(logits_fn, x, y, settings)
+        if args.side == "both":
+            report(result)
     result["machine"] = machine(since=cpu_start)
+    if args.side == "torchattacks":
+        name = "autoattack_torchattacks"
+    else:
+        name = "autoattack_bridge" if args.check_bridge else "autoattack_agreement"
     suffix = ("_l2" if args.norm == "l2" else "") + ("" if args.n == 1000 else f"_n{args.n}")
-    name = "autoattack_bridge.json" if args.check_bridge else f"autoattack_agreement{suffix}.json"
-    write_json(args.out or REPO / "benchmarks/results" / name, result)
+    write_json(args.out or REPO / "benchmarks/results" / f"{name}{suffix}.json", result)
+
+
+def reference_side(logits_fn, x, y, settings):
+    import torch
+    import torchattacks
+    print("torchattacks suite ...", flush=True)
+    t0 = time.perf_counter()
+    ref, ref_s = run_torch(logits_fn, x, y, **settings)
+    ref_s["total"] = time.perf_counter() - t0
+    return {"robust_accuracy": summary(ref), "seconds": ref_s, "broken_by": ref.tolist(),
+            "version": torchattacks.__version__, "torch": torch.__version__,
+            "ran_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def load_reference(path, result):
+    """The torchattacks side of an earlier run, refused unless its settings and images match."""
+    import json
+    saved = json.loads(Path(path).read_text())
+    for field in ("classifier", "n", "norm", "eps", "seed", "test_index", "suite"):
+        if saved.get(field) != result[field]:
+            raise SystemExit(f"--reference {path}: its {field} differs from this run's")
+    return {**saved["torchattacks"], "from": str(path)}
+
+
+def report(result):
+    ours = np.asarray(result["srdjax"]["broken_by"])
+    ref = np.asarray(result["torchattacks"]["broken_by"])
+    result["disagreements"] = compare(ours, ref, np.asarray(result["test_index"]))
+    a, b = result["srdjax"]["robust_accuracy"], result["torchattacks"]["robust_accuracy"]
+    result["difference_points"] = {k: 100 * (a[k] - b[k]) for k in a}
+    print(f"{'robust accuracy':16s} {'srdjax':>8s} {'torchatt':>9s} {'diff pts':>9s}")
+    for k in a:
+        print(f"{k:16s} {a[k]:8.3f} {b[k]:9.3f} {100 * (a[k] - b[k]):+9.1f}")
+    d = result["disagreements"]
+    print(f"robust only under srdjax: {len(d['robust_only_srdjax'])}, only under "
+          f"torchattacks: {len(d['robust_only_torchattacks'])}; wall s: srdjax "
+          f"{result['srdjax']['seconds']['total']:.0f}, torchattacks "
+          f"{result['torchattacks']['seconds']['total']:.0f}")
 
 
 if __name__ == "__main__":
