@@ -6,7 +6,8 @@ An image counts as robust to an attack only if the defense classifies it correct
 and attacked; its worst case is robust only if it survives every attack that applies (the
 per-image minimum). Gradient attacks always attack the *whole* defense: JPEG and bit depth
 straight-through (BPDA), the blur exactly, purification with `purify_bpda`, plus the adaptive
-attacks of `srdjax.adaptive` on the cluster choice. Results go to <workdir>/evaluation/:
+attacks of `srdjax.attacks.whole_defense` on the cluster choice. Results go to
+<workdir>/evaluation/:
 results.json, results.md, robust_vs_eps.png and the per-image table per_image.npz, written by
 `srdjax.report` (which is not among the `RESULT_MODULES`: rewording a report keeps the cells).
 
@@ -31,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from srdjax import adaptive, attacks, parallel, stages
+from srdjax import attacks, parallel, stages
+from srdjax.attacks import whole_defense
 from srdjax import purifier as purifier_lib
-from srdjax.adaptive import Classifier, Defense, defense_logits, sharded_attack
+from srdjax.attacks.whole_defense import Classifier, Defense, defense_logits, sharded_attack
 from srdjax.checks import check
 from srdjax.data import class_balanced_subset, load_dataset
 from srdjax.report import summarize, worst_case, write_reports
@@ -158,8 +160,8 @@ def eps_limit(norm: str, image_size) -> float:
 
 
 _predict = jax.jit(lambda d, x: jnp.argmax(defense_logits(d, x), axis=-1))
-_chosen_class = jax.jit(adaptive.chosen_class)
-_selector_success = jax.jit(adaptive.selector_success)
+_chosen_class = jax.jit(whole_defense.chosen_class)
+_selector_success = jax.jit(whole_defense.selector_success)
 
 
 def make_defense(name: str, classifier: Classifier, purifier=None, s: Settings | None = None):
@@ -205,9 +207,9 @@ def load_defenses(workdir, s: Settings, mesh=None):
 
 # ------------------------------------------------------------------------------ resuming
 
-# The modules whose code decides an attack cell's result: a saved cell is reused only when they
-# are byte for byte the ones that computed it.
-RESULT_MODULES = ("adaptive", "attacks", "clusters", "defenses", "dictionary", "evaluation",
+# The modules (or packages: every file in them) whose code decides an attack cell's result: a
+# saved cell is reused only when they are byte for byte the ones that computed it.
+RESULT_MODULES = ("attacks", "clusters", "defenses", "dictionary", "evaluation",
                   "frequency", "models", "omp", "parallel", "purifier")
 
 
@@ -215,7 +217,10 @@ RESULT_MODULES = ("adaptive", "attacks", "clusters", "defenses", "dictionary", "
 def code_hash() -> str:
     h = hashlib.sha256(f"jax {jax.__version__}".encode())
     for name in RESULT_MODULES:
-        h.update((Path(__file__).parent / f"{name}.py").read_bytes())
+        package = Path(__file__).parent / name
+        paths = sorted(package.glob("*.py")) if package.is_dir() else [package.with_suffix(".py")]
+        for path in paths:
+            h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -333,8 +338,8 @@ def predict_correct(d: Defense, x, y, s: Settings, mesh) -> np.ndarray:
 
 def _attack_program(attack: str, s: Settings, mesh):
     """Host loops on a CPU (or when attacks.LOOPS says so), else one sharded program."""
-    if attacks._use_host_loops():
-        return adaptive.host_attack(attack, s, mesh)
+    if attacks.loops._use_host_loops():
+        return whole_defense.host_attack(attack, s, mesh)
     return sharded_attack(attack, s, mesh)
 
 

@@ -372,10 +372,10 @@ def test_square_rebatched_to_the_unfooled_rows_gives_the_same_images(trained_cnn
     logits_fn, x, y = trained_cnn
     x, y = x[:32], y[:32]
     sizes = []
-    host_apply = attacks._host_apply
+    host_apply = attacks.loops._host_apply
 
     def recording(rule, settings, consts, *args):
-        if rule is attacks._square_body:
+        if rule is attacks.square_attack._square_body:
             sizes.append(consts.x.shape[0])
         return host_apply(rule, settings, consts, *args)
 
@@ -383,7 +383,7 @@ def test_square_rebatched_to_the_unfooled_rows_gives_the_same_images(trained_cnn
     for mode, every in (("fused", 10 ** 9), ("host", 4)):
         monkeypatch.setattr(attacks, "LOOPS", mode)
         monkeypatch.setattr(attacks, "SQUARE_COMPACT_EVERY", every)
-        monkeypatch.setattr(attacks, "_host_apply", recording)
+        monkeypatch.setattr(attacks.loops, "_host_apply", recording)
         out[mode] = np.asarray(attacks.square(logits_fn, x, y, eps=8 / 255, key=KEY,
                                               n_queries=40))
     assert sizes[0] == 32 and min(sizes) < 32, sizes       # it re-batched

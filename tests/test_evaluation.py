@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from jax.tree_util import Partial
 
-from srdjax import adaptive, defenses, evaluation, parallel, report
+from srdjax import defenses, evaluation, parallel, report
+from srdjax.attacks import whole_defense
 from srdjax import purifier as pur
 from srdjax.attacks import ce_loss
 from srdjax.checks import SrdjaxError
@@ -21,7 +22,7 @@ from tests.test_purifier import _images, _tiny_purifier
 
 
 def _classifier(num_classes=10, seed=0):
-    return adaptive.Classifier(*split_model(create_model("small_cnn", num_classes, seed,
+    return whole_defense.Classifier(*split_model(create_model("small_cnn", num_classes, seed,
                                                          widths=(4, 6))))
 
 
@@ -47,7 +48,7 @@ def test_bpda_gradient_of_an_identity_like_transform_equals_the_plain_gradient()
     y = jnp.array([0, 3, 5, 9])
     d = evaluation.make_defense("bit_depth", clf, s=_settings(bit_depth=16))
     plain = _loss_grad(clf, x, y)
-    np.testing.assert_allclose(_loss_grad(Partial(adaptive.attack_logits, d), x, y), plain,
+    np.testing.assert_allclose(_loss_grad(Partial(whole_defense.attack_logits, d), x, y), plain,
                                rtol=1e-3, atol=1e-4 * float(jnp.abs(plain).max()))
     masked = _loss_grad(lambda xx: clf(defenses.bit_depth(xx, bits=16)), x, y)
     assert float(jnp.abs(masked).max()) == 0.0
@@ -61,14 +62,14 @@ def test_jpeg_is_straight_through_and_blur_exact():
     s = _settings(jpeg_quality=50, blur_sigma=1.0)
     jpeg = evaluation.make_defense("jpeg", clf, s=s)
     # Two compiled programs (fused differently): equal to float32 rounding, rtol 1e-5.
-    np.testing.assert_allclose(_loss_grad(Partial(adaptive.attack_logits, jpeg), x, y),
+    np.testing.assert_allclose(_loss_grad(Partial(whole_defense.attack_logits, jpeg), x, y),
                                _loss_grad(clf, defenses.jpeg(x, quality=50), y),
                                rtol=1e-5, atol=1e-7)
     blur = evaluation.make_defense("blur", clf, s=s)
     g_out = np.asarray(_loss_grad(clf, defenses.gaussian_blur(x, sigma=1.0), y), np.float64)
     rows = defenses._blur_matrix(16, 1.0, 4.0)
     expected = np.einsum("ih,nijc,jw->nhwc", rows, g_out, rows)
-    np.testing.assert_allclose(_loss_grad(Partial(adaptive.attack_logits, blur), x, y),
+    np.testing.assert_allclose(_loss_grad(Partial(whole_defense.attack_logits, blur), x, y),
                                expected, rtol=1e-4, atol=1e-7)
 
 
@@ -77,7 +78,7 @@ def test_jpeg_is_straight_through_and_blur_exact():
 
 def _purify_defense(seed=0):
     p = _tiny_purifier(seed=seed)
-    return p, adaptive.Defense("srd", "purify", None, _classifier(2, seed), p)
+    return p, whole_defense.Defense("srd", "purify", None, _classifier(2, seed), p)
 
 
 def test_selector_margin_matches_numpy_and_the_attack_raises_it():
@@ -88,13 +89,13 @@ def test_selector_margin_matches_numpy_and_the_attack_raises_it():
           ** 2).sum(-1) / z.shape[1])
     own = np.asarray(p.clusters.class_ids)[None] == np.asarray(y)[:, None]
     expected = np.where(own, d, np.inf).min(1) - np.where(own, np.inf, d).min(1)
-    before = adaptive.selector_margin(p, y, x)
+    before = whole_defense.selector_margin(p, y, x)
     np.testing.assert_allclose(before, expected, rtol=1e-4, atol=1e-5)
     # Positive margin <=> purify picks a wrong class's cluster.
-    np.testing.assert_array_equal(adaptive.selector_success(p, x, y), expected > 0)
-    x_adv = adaptive.selector_attack(p, x, y, eps=0.1, key=jax.random.key(0), steps=10)
+    np.testing.assert_array_equal(whole_defense.selector_success(p, x, y), expected > 0)
+    x_adv = whole_defense.selector_attack(p, x, y, eps=0.1, key=jax.random.key(0), steps=10)
     assert float(jnp.abs(x_adv - x).max()) <= 0.1 + 1e-6
-    assert np.all(np.asarray(adaptive.selector_margin(p, y, x_adv)) > np.asarray(before))
+    assert np.all(np.asarray(whole_defense.selector_margin(p, y, x_adv)) > np.asarray(before))
 
 
 def test_surrogate_value_is_the_real_defense_and_its_gradient_the_soft_one():
@@ -109,11 +110,12 @@ def test_surrogate_value_is_the_real_defense_and_its_gradient_the_soft_one():
             k = jnp.full((3,), k, jnp.int32)
             patches = pur.dict_lib._extract(pur._split(p, u)[1], 4, 2)
             forced.append(pur._linear_given_choices(p, u, k, pur._supports(p, k, patches)[0]))
-        return {"real": adaptive.defense_logits(d, u),
-                "surrogate": adaptive.surrogate_logits(p, d.classifier, u, top=2, temperature=1.0),
-                "grad_top1": grad(Partial(adaptive._surrogate(1, 1.0), p, d.classifier), u),
-                "grad_bpda": grad(Partial(adaptive.attack_logits, d), u),
-                "soft": adaptive.soft_purify(p, u, top=2, temperature=0.5), "forced": forced}
+        return {"real": whole_defense.defense_logits(d, u),
+                "surrogate": whole_defense.surrogate_logits(p, d.classifier, u, top=2,
+                                                            temperature=1.0),
+                "grad_top1": grad(Partial(whole_defense._surrogate(1, 1.0), p, d.classifier), u),
+                "grad_bpda": grad(Partial(whole_defense.attack_logits, d), u),
+                "soft": whole_defense.soft_purify(p, u, top=2, temperature=0.5), "forced": forced}
 
     out = outputs(x)
     np.testing.assert_array_equal(out["surrogate"], out["real"])
@@ -133,7 +135,7 @@ def test_eot_averages_random_draws_and_is_exact_when_nothing_is_random():
     w = jax.random.normal(jax.random.key(0), (8 * 8 * 3, 4))
     f = lambda x: x.reshape(x.shape[0], -1) @ w  # noqa: E731
     x = _images(n=2)
-    noisy = adaptive.eot_logits(lambda xx, k: f(xx) + jax.random.normal(k, (2, 4)), 4000,
+    noisy = whole_defense.eot_logits(lambda xx, k: f(xx) + jax.random.normal(k, (2, 4)), 4000,
                                 jax.random.key(1))
     # Mean of 4000 unit normals: standard error 1/63; 5 standard errors.
     np.testing.assert_allclose(noisy(x), f(x), atol=5 / np.sqrt(4000))
@@ -141,7 +143,7 @@ def test_eot_averages_random_draws_and_is_exact_when_nothing_is_random():
     assert float(jnp.abs(noisy(x) - noisy(x + 1e-3)).max()) > 0  # a new iterate, new draws
     np.testing.assert_allclose(jax.grad(lambda xx: noisy(xx).sum())(x),
                                jax.grad(lambda xx: f(xx).sum())(x), rtol=1e-5, atol=1e-6)
-    exact = adaptive.eot_logits(lambda xx, k: f(xx), 3, jax.random.key(1))
+    exact = whole_defense.eot_logits(lambda xx, k: f(xx), 3, jax.random.key(1))
     np.testing.assert_allclose(exact(x), f(x), rtol=1e-6, atol=1e-6)
 
 
@@ -222,7 +224,7 @@ def test_selector_success_through_the_matrix_is_the_per_image_clean_success_at_e
     y = np.asarray([0, 1, 1, 0, 1, 0, 0], np.int32)
     mesh = parallel.make_mesh(jax.devices()[:2])
     run = evaluation.attack_matrix({"srd": d}, s.attacks, x, y, eps=0.0, s=s, mesh=mesh)
-    expected = np.asarray(adaptive.selector_success(p, jnp.asarray(x), jnp.asarray(y)))
+    expected = np.asarray(whole_defense.selector_success(p, jnp.asarray(x), jnp.asarray(y)))
     assert 0 < expected.sum() < len(y)                       # both outcomes occur
     np.testing.assert_array_equal(run["selector_wrong"], expected)
     np.testing.assert_array_equal(run["correct"]["srd"]["selector"],

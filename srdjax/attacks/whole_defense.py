@@ -1,5 +1,6 @@
-"""How each defense is attacked: the defense as one pytree with its BPDA gradient, and the
-adaptive attacks on purification that target what BPDA alone walks past.
+"""The attacks on a whole defense: the defense as one pytree with its BPDA gradient, and the
+adaptive attacks on purification that target what BPDA alone walks past. (Above the purifier, so
+`srdjax.attacks` does not import it: `import srdjax.attacks.whole_defense`.)
 
 `Defense` is an input transform followed by a classifier. `defense_logits` is the defense as
 deployed; `attack_logits` has the same values and the gradient an attacker uses: exact through
