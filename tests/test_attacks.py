@@ -187,6 +187,32 @@ def test_every_attack_stays_in_the_ball_and_the_box():
     np.testing.assert_array_equal(attacks.pgd(logits_fn, x, y, eps=0.0, key=KEY, steps=3), x)
 
 
+
+def test_an_images_result_does_not_depend_on_its_batch():
+    """Random draws are keyed by (key, image id): a batch attacked whole, in halves, or permuted
+    (each image with its id) gives every image exactly the same result."""
+    rng = np.random.default_rng(8)
+    logits_fn = _tanh_net(4)
+    x = jnp.asarray(rng.uniform(0, 1, (16,) + SHAPE), jnp.float32)
+    y = jnp.argmax(logits_fn(x), -1)
+    ids, perm = jnp.arange(16), rng.permutation(16)
+    runs = {
+        "pgd": lambda u, v, i: attacks.pgd(logits_fn, u, v, eps=0.05, key=KEY, steps=3,
+                                           restarts=2, ids=i),
+        "pgd-l2": lambda u, v, i: attacks.pgd(logits_fn, u, v, eps=0.5, key=KEY, steps=3,
+                                              norm="l2", ids=i),
+        "apgd": lambda u, v, i: attacks.apgd(logits_fn, u, v, eps=0.05, key=KEY, steps=5, ids=i),
+        "square": lambda u, v, i: attacks.square(logits_fn, u, v, eps=0.05, key=KEY,
+                                                 n_queries=20, ids=i),
+    }
+    for name, run in runs.items():
+        whole = np.asarray(run(x, y, None))
+        assert np.abs(whole - np.asarray(x)).max() > 0, name
+        halves = np.concatenate([run(x[:8], y[:8], ids[:8]), run(x[8:], y[8:], ids[8:])])
+        np.testing.assert_array_equal(halves, whole, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(run(x[perm], y[perm], ids[perm])), whole[perm],
+                                      err_msg=name)
+
 def test_pgd_on_loss_maximises_each_samples_own_loss(linear2):
     _, x, _, _ = linear2
     direction = jnp.asarray(np.random.default_rng(5).normal(size=x.shape), jnp.float32)

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srdjax.attacks.inputs import _check_choice, _check_count, _check_inputs, _check_key
-from srdjax.attacks.loops import (Best, _apply, _compiled, _goal, _loop, _restarts, _Step,
-                                  _value_and_grad)
+from srdjax.attacks.inputs import (_check_choice, _check_count, _check_ids, _check_inputs,
+                                   _check_key)
+from srdjax.attacks.loops import (Best, _apply, _compiled, _goal, _loop, _restarts, _row_ids,
+                                  _Step, _value_and_grad)
 from srdjax.attacks.norms import NORMS, _per_sample
 from srdjax.checks import check
 
@@ -96,18 +97,18 @@ def _apgd_run(goal, start, steps, settings):
     return _loop(steps, step, state).out
 
 
-def _apgd_impl(fn, x, y, target, eps, key, *, steps, norm, loss, restarts, random_start, alpha,
-               rho):
+def _apgd_impl(fn, x, y, target, eps, key, ids, *, steps, norm, loss, restarts, random_start,
+               alpha, rho):
     goal = _goal(fn, x, y, target, eps)
     run = lambda start: _apgd_run(goal, start, steps, (loss, norm, alpha, rho))
-    return _restarts(run, x, key, restarts, random_start, norm, goal.eps)
+    return _restarts(run, x, key, restarts, random_start, norm, goal.eps, _row_ids(ids, x))
 
 
 _apgd = _compiled(_apgd_impl, ("steps", "norm", "loss", "restarts", "random_start", "alpha", "rho"))
 
 
 def apgd(logits_fn, x, y, *, eps, key, steps=100, loss="ce", norm="linf", restarts=1,
-         random_start=True, target=None, alpha=0.75, rho=0.75):
+         random_start=True, target=None, alpha=0.75, rho=0.75, ids=None):
     """Auto-PGD (Croce & Hein 2020, Algorithm 1) with the CE or DLR loss.
 
     Step size starts at 2 eps; momentum weight alpha = 0.75; at the checkpoints of
@@ -118,10 +119,11 @@ def apgd(logits_fn, x, y, *, eps, key, steps=100, loss="ce", norm="linf", restar
     paper's strict '<'; AutoAttack's code uses '<='.)
     """
     _check_inputs(logits_fn, x, y, eps, target, norm)
+    _check_ids(ids, jnp.shape(x)[0])
     _check_key(key)
     _check_count(steps, "steps")
     _check_count(restarts, "restarts")
     _check_choice(loss, ("ce", "dlr"), "loss")
     check(0 < alpha <= 1 and 0 < rho <= 1, f"alpha and rho must lie in (0, 1], got {alpha}, {rho}")
-    return _apgd(logits_fn, x, y, target, eps, key, steps=steps, norm=norm, loss=loss,
+    return _apgd(logits_fn, x, y, target, eps, key, ids, steps=steps, norm=norm, loss=loss,
                  restarts=restarts, random_start=random_start, alpha=float(alpha), rho=float(rho))

@@ -39,3 +39,9 @@ def _check_inputs(logits_fn, x, y, eps, target=None, norm="linf"):
         check_labels(target, jnp.shape(x)[0], name="target labels")
     _check_number(eps, "eps")
     _check_choice(norm, NORMS, "norm")
+
+
+def _check_ids(ids, n):
+    if ids is not None:
+        check(jnp.shape(ids) == (n,) and jnp.issubdtype(jnp.result_type(ids), jnp.integer),
+              f"ids must be integers of shape ({n},), got {jnp.result_type(ids)} {jnp.shape(ids)}")

@@ -17,7 +17,7 @@ from jax.tree_util import Partial
 
 from srdjax import parallel
 from srdjax.attacks.losses import _objective
-from srdjax.attacks.norms import NORMS, _per_sample
+from srdjax.attacks.norms import NORMS, _per_sample, row_keys
 from srdjax.checks import check, is_concrete
 
 
@@ -162,13 +162,17 @@ class _Goal(NamedTuple):
     target: jax.Array | None
     eps: jax.Array
     confidence: jax.Array
+    reach: jax.Array | None     # success = predicted as reach; None: success = misclassified
 
     def objective(self, loss):
-        return _objective(self.fn, loss, self.y, self.target, self.confidence)
+        return _objective(self.fn, loss, self.y, self.target, self.confidence, self.reach)
 
 
-def _goal(fn, x, y, target, eps, confidence=jnp.inf):
-    return _Goal(fn, x, y, target, jnp.asarray(eps, x.dtype), jnp.asarray(confidence, jnp.float32))
+def _goal(fn, x, y, target, eps, confidence=jnp.inf, *, untargeted_success=False):
+    """With a target, success means reaching it, or with `untargeted_success` (APGD-T) being
+    misclassified."""
+    return _Goal(fn, x, y, target, jnp.asarray(eps, x.dtype), jnp.asarray(confidence, jnp.float32),
+                 None if untargeted_success else target)
 
 
 def _as_pytree(fn):
@@ -176,12 +180,18 @@ def _as_pytree(fn):
     return fn if isinstance(fn, Partial) else Partial(fn)
 
 
-def _restarts(run, x, key, restarts, random_start, norm, eps):
-    """Runs `run(start)` from `restarts` starts, keeping per sample the best result."""
-    nrm = NORMS[norm]
+def _random_start(settings, consts, key):
+    norm, = settings
+    x, eps, ids = consts
+    return NORMS[norm].init(row_keys(key, ids), x, eps)
 
+
+def _restarts(run, x, key, restarts, random_start, norm, eps, ids):
+    """Runs `run(start)` from `restarts` starts, keeping per sample the best result; image i's
+    start r is drawn from fold_in(fold_in(key, r), ids[i])."""
     def body(r, best):
-        start = nrm.init(jax.random.fold_in(key, r), x, eps) if random_start else x
+        start = (_apply(_random_start, (norm,), (x, eps, ids), jax.random.fold_in(key, r))
+                 if random_start else x)
         return best.merge(run(start))
     best = _loop(restarts, body, Best.empty(x))
     return jax.lax.stop_gradient(best.x.astype(x.dtype))
@@ -219,3 +229,23 @@ def _rows_like(values: np.ndarray, x):
     target = NamedSharding(sharding.mesh, spec)
     return jax.make_array_from_callback(values.shape, target, lambda index: values[index])
 
+
+def _row_ids(ids, x):
+    """Each image's id [N] (default 0..N-1) as int32, placed on the devices as x's rows."""
+    if ids is None:
+        ids = np.arange(x.shape[0], dtype=np.int32)
+    if _HOST.get() and is_concrete(x) and is_concrete(ids):
+        return _rows_like(np.asarray(ids, np.int32), x)
+    return jnp.asarray(ids, jnp.int32)
+
+
+def _active_rows(active: np.ndarray, parts: int = 1):
+    """(rows, real): the indices of the True rows of `active`, padded by repeating the last one
+    to a multiple of an eighth of the batch (itself a multiple of `parts`, the devices the rows
+    are split over), so that re-batching to fewer and fewer rows compiles few shapes; padded
+    copies of a row compute what it computes (draws are keyed by row id), and are dropped."""
+    n = len(active)
+    quantum = -(-max(1, -(-n // 8)) // parts) * parts
+    idx = np.nonzero(active)[0]
+    size = -(-idx.size // quantum) * quantum
+    return np.concatenate([idx, np.full(size - idx.size, idx[-1])]).astype(np.int64), idx.size

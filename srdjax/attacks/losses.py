@@ -54,9 +54,10 @@ def targeted_dlr_loss(logits, labels, target):
 LOSSES = ("ce", "margin", "dlr")
 
 
-def _objective(fn, loss, labels, target, confidence=jnp.inf):
+def _objective(fn, loss, labels, target, confidence=jnp.inf, reach=None):
     """x_adv -> (per-sample loss, per-sample success) for the chosen loss and goal; with
-    loss="given", `fn` itself returns the per-sample loss and nothing counts as success."""
+    loss="given", `fn` itself returns the per-sample loss and nothing counts as success.
+    Success: predicted as `reach` when given, else misclassified."""
     def objective(x_adv):
         if loss == "given":
             value = fn(x_adv)
@@ -68,13 +69,14 @@ def _objective(fn, loss, labels, target, confidence=jnp.inf):
             raise SrdjaxError(f"the dlr loss needs at least {3 if target is None else 4} classes, "
                               f"got logits of shape {logits.shape}")
         predicted = jnp.argmax(logits, axis=-1)
+        success = predicted != labels if reach is None else predicted == reach
         if target is None:
             value = {"ce": ce_loss, "dlr": dlr_loss,
                      "margin": functools.partial(margin_loss, confidence=confidence)}[loss]
-            return value(logits, labels), predicted != labels
+            return value(logits, labels), success
         value = {"ce": lambda z: targeted_ce_loss(z, target),
                  "dlr": lambda z: targeted_dlr_loss(z, labels, target),
                  "margin": lambda z: targeted_margin_loss(z, target, confidence)}[loss]
-        return value(logits), predicted == target
+        return value(logits), success
     return objective
 

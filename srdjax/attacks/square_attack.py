@@ -11,9 +11,9 @@ import numpy as np
 
 from srdjax import parallel
 from srdjax.attacks import loops
-from srdjax.attacks.inputs import _check_count, _check_inputs, _check_key
+from srdjax.attacks.inputs import _check_count, _check_ids, _check_inputs, _check_key
 from srdjax.attacks.losses import _best_other, _logit_of
-from srdjax.attacks.loops import _HOST, _apply, _compiled, _loop, _rows_like, _Step
+from srdjax.attacks.loops import _HOST, _apply, _compiled, _loop, _row_ids, _rows_like, _Step
 from srdjax.attacks.norms import _per_sample
 from srdjax.checks import check, is_concrete
 
@@ -137,15 +137,13 @@ def _square_host(g: _SquareGoal, carry, n_steps: int):
     return _rows_like(best, g.x)
 
 
-def _square_impl(fn, x, y, target, eps, key, *, n_queries, p_init):
+def _square_impl(fn, x, y, target, eps, key, ids, *, n_queries, p_init):
     n, h, w, _ = x.shape
     k_init, k_loop = jax.random.split(key)
     # One spare entry so that a budget of one query still traces the (never run) loop body.
     sizes = jnp.asarray(np.append(square_sizes(n_queries, p_init, h, w), 1))
     host = _HOST.get() and is_concrete(x)
-    ids = (_rows_like(np.arange(n, dtype=np.int32), x) if host
-           else jnp.arange(n, dtype=jnp.int32))
-    g = _SquareGoal(fn, x, y, target, jnp.asarray(eps, x.dtype), k_loop, sizes, ids)
+    g = _SquareGoal(fn, x, y, target, jnp.asarray(eps, x.dtype), k_loop, sizes, _row_ids(ids, x))
     carry = _apply(_square_init, (), g, k_init)
     if host and jax.process_count() == 1:
         best = _square_host(g, carry, n_queries - 1)
@@ -157,7 +155,7 @@ def _square_impl(fn, x, y, target, eps, key, *, n_queries, p_init):
 _square = _compiled(_square_impl, ("n_queries", "p_init"))
 
 
-def square(logits_fn, x, y, *, eps, key, n_queries=1000, p_init=0.8, target=None):
+def square(logits_fn, x, y, *, eps, key, n_queries=1000, p_init=0.8, target=None, ids=None):
     """L∞ Square attack: gradient-free random search with the margin loss.
 
     Starts from vertical stripes of +-eps (one query; kept per sample only if it lowers the margin
@@ -168,9 +166,10 @@ def square(logits_fn, x, y, *, eps, key, n_queries=1000, p_init=0.8, target=None
     the original schedule. `n_queries` counts the start and the proposals.
     """
     _check_inputs(logits_fn, x, y, eps, target)
+    _check_ids(ids, jnp.shape(x)[0])
     _check_key(key)
     _check_count(n_queries, "n_queries")
     check(0 < p_init <= 1, f"p_init must lie in (0, 1], got {p_init!r}")
     shape = jnp.shape(x)
     check(min(shape[1], shape[2]) >= 2, f"square needs images of at least 2x2 pixels, got {shape}")
-    return _square(logits_fn, x, y, target, eps, key, n_queries=n_queries, p_init=float(p_init))
+    return _square(logits_fn, x, y, target, eps, key, ids, n_queries=n_queries, p_init=float(p_init))
