@@ -71,10 +71,15 @@ def standard_attack(name: str, warmup: bool):
         return lambda f, x, y, **kw: attacks.apgd_targeted(f, x, y, steps=few or 100,
                                                            n_target_classes=9, **kw)
     if name == "fab-t":
-        return lambda f, x, y, **kw: attacks.fab_targeted(f, x, y, steps=few or 100,
-                                                          n_target_classes=9, **kw)
-    return lambda f, x, y, **kw: attacks.square(f, x, y, n_queries=10 if warmup else 5000,
-                                                p_init=0.8, **kw)
+        from srdjax.attacks.fab import fab_targeted
+        return lambda f, x, y, **kw: fab_targeted(f, x, y, steps=few or 100,
+                                                  n_target_classes=9, **kw)
+
+    def square(f, x, y, *, norm, **kw):
+        if norm != "linf":      # Square's signature has no norm where only L-inf exists
+            kw["norm"] = norm
+        return attacks.square(f, x, y, n_queries=10 if warmup else 5000, p_init=0.8, **kw)
+    return square
 
 
 def images(config, n, logits_fn):
