@@ -10,7 +10,10 @@ clean-correct images of the evaluation's class-balanced test set, against
   srd_robust  purify -> robust classifier, `srdjax.purifier.load_defense(workdir, "robust")`,
               whose gradient is the BPDA gradient through purification.
 Before each timed run the attack runs once on the same batch at a few steps (queries), so that
-the compilation is outside the time (it is reported apart). The time per image is the timed
+the compilation is outside the time (it is reported apart). With --fraction F < 1 every attack
+runs F of its steps (queries) and the time is divided by F: an estimate of the full attack
+from its per-step cost, which is constant for APGD and FAB (fixed steps per target) and, for
+Square, per query of an image not yet broken; the JSON says which fraction was run. The time per image is the timed
 run's wall time over the batch; an attack that stops early on the images it broke (Square,
 FAB-T's later targets) costs less on them, so the figure is for this batch's mix.
 
@@ -50,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--attacks", nargs="+", default=list(SUITE), choices=list(SUITE))
     p.add_argument("--norm", choices=("linf", "l2"), default="linf")
     p.add_argument("--eps", type=float, default=None, help="default 8/255 (linf), 0.5 (l2)")
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="run this fraction of each attack's steps and scale the time up")
     p.add_argument("--eval-n", type=int, default=1000, help="images of the estimated evaluation")
     p.add_argument("--reach", type=float, nargs=2, default=None, metavar=("CLEAN", "ROBUST"),
                    help="clean and robust fractions for the estimate (both defenses)")
@@ -60,25 +65,27 @@ def parse_args(argv=None):
     return args
 
 
-def standard_attack(name: str, warmup: bool):
-    """The attack `name` at the standard suite's strength (or a few steps, to compile it)."""
+def standard_attack(name: str, warmup: bool, fraction: float = 1.0):
+    """The attack `name` at `fraction` of the standard suite's strength (or a few steps, to
+    compile it)."""
     from srdjax import attacks
-    few = 2 if warmup else None
+    steps = 2 if warmup else max(1, round(100 * fraction))
     if name == "apgd-ce":
-        return lambda f, x, y, **kw: attacks.apgd(f, x, y, loss="ce", steps=few or 100,
+        return lambda f, x, y, **kw: attacks.apgd(f, x, y, loss="ce", steps=steps,
                                                   restarts=1, **kw)
     if name == "apgd-t":
-        return lambda f, x, y, **kw: attacks.apgd_targeted(f, x, y, steps=few or 100,
+        return lambda f, x, y, **kw: attacks.apgd_targeted(f, x, y, steps=steps,
                                                            n_target_classes=9, **kw)
     if name == "fab-t":
         from srdjax.attacks.fab import fab_targeted
-        return lambda f, x, y, **kw: fab_targeted(f, x, y, steps=few or 100,
+        return lambda f, x, y, **kw: fab_targeted(f, x, y, steps=steps,
                                                   n_target_classes=9, **kw)
+    queries = 10 if warmup else max(1, round(5000 * fraction))
 
     def square(f, x, y, *, norm, **kw):
         if norm != "linf":      # Square's signature has no norm where only L-inf exists
             kw["norm"] = norm
-        return attacks.square(f, x, y, n_queries=10 if warmup else 5000, p_init=0.8, **kw)
+        return attacks.square(f, x, y, n_queries=queries, p_init=0.8, **kw)
     return square
 
 
@@ -101,7 +108,7 @@ def images(config, n, logits_fn):
     return x[keep], y[keep]
 
 
-def time_attack(name, logits_fn, x, y, norm, eps):
+def time_attack(name, logits_fn, x, y, norm, eps, fraction):
     import jax
     import jax.numpy as jnp
     key = jax.random.PRNGKey(0)
@@ -111,12 +118,13 @@ def time_attack(name, logits_fn, x, y, norm, eps):
                                                       norm=norm))
     warm = time.perf_counter() - start
     start = time.perf_counter()
-    adv = jax.block_until_ready(standard_attack(name, False)(logits_fn, xj, yj, eps=eps,
-                                                             key=key, norm=norm))
+    adv = jax.block_until_ready(standard_attack(name, False, fraction)(
+        logits_fn, xj, yj, eps=eps, key=key, norm=norm))
     seconds = time.perf_counter() - start
     broken = int(np.sum(np.asarray(logits_fn(adv)).argmax(1) != y))
-    return {"images": len(y), "seconds": seconds, "seconds_per_image": seconds / len(y),
-            "broken": broken, "warmup_seconds": warm}
+    return {"images": len(y), "fraction_run": fraction, "seconds": seconds,
+            "seconds_per_image": seconds / fraction / len(y), "broken": broken,
+            "warmup_seconds": warm}
 
 
 def cascade_estimate(per_image, clean, robust, n):
@@ -149,8 +157,15 @@ def main(argv=None):
             n = args.n_defense
         x, y = images(config, n, logits_fn)
         rows = {}
+        result["defenses"][defense] = {"attacks": rows, "classifier": args.stage if defense ==
+                                       "bare" else "purify -> robust (BPDA)"}
         for name in args.attacks:
-            rows[name] = time_attack(name, logits_fn, x, y, args.norm, args.eps)
+            from srdjax import attacks
+            if name == "apgd-t" and not hasattr(attacks, "apgd_targeted"):
+                print(f"{defense:11s} {name:8s} skipped: srdjax.attacks has no apgd_targeted")
+                continue
+            rows[name] = time_attack(name, logits_fn, x, y, args.norm, args.eps, args.fraction)
+            write_json(args.out, {**result, "machine": machine(since=cpu_start)})
             r = rows[name]
             print(f"{defense:11s} {name:8s} {r['seconds_per_image']:9.3f} s/image "
                   f"({r['images']} images, {r['broken']} broken, warm-up {r['warmup_seconds']:.1f} s)",
@@ -160,9 +175,7 @@ def main(argv=None):
         print(f"{defense:11s} estimated standard cascade on {args.eval_n} images: "
               f"{estimate['seconds'] / 60:.1f} min"
               + ("" if estimate["complete"] else " (only the attacks timed)"))
-        result["defenses"][defense] = {"attacks": rows, "cascade_estimate": estimate,
-                                       "classifier": args.stage if defense == "bare" else
-                                       "purify -> robust (BPDA)"}
+        result["defenses"][defense]["cascade_estimate"] = estimate
     result["machine"] = machine(since=cpu_start)
     write_json(args.out, result)
 
