@@ -9,8 +9,8 @@ clean-correct images of the evaluation's class-balanced test set, against
   bare        the quick config's PGD-AT classifier (`--stage`), and
   srd_robust  purify -> robust classifier, `srdjax.purifier.load_defense(workdir, "robust")`,
               whose gradient is the BPDA gradient through purification.
-Before each timed run the attack runs once on the same batch at a few steps (queries), so that
-the compilation is outside the time (it is reported apart). With --fraction F < 1 every attack
+Before each timed run the attack runs once on the same batch (at full strength: at a few steps
+or queries), so that the compilation is outside the time (it is reported apart). With --fraction F < 1 every attack
 runs F of its steps (queries) and the time is divided by F: an estimate of the full attack
 from its per-step cost, which is constant for APGD and FAB (fixed steps per target) and, for
 Square, per query of an image not yet broken; the JSON says which fraction was run. The time per image is the timed
@@ -114,8 +114,9 @@ def time_attack(name, logits_fn, x, y, norm, eps, fraction):
     key = jax.random.PRNGKey(0)
     xj, yj = jnp.asarray(x), jnp.asarray(y)
     start = time.perf_counter()
-    jax.block_until_ready(standard_attack(name, True)(logits_fn, xj, yj, eps=eps, key=key,
-                                                      norm=norm))
+    # Part of an attack is warmed up by the same call, whose programs may depend on the steps.
+    jax.block_until_ready(standard_attack(name, fraction == 1, fraction)(
+        logits_fn, xj, yj, eps=eps, key=key, norm=norm))
     warm = time.perf_counter() - start
     start = time.perf_counter()
     adv = jax.block_until_ready(standard_attack(name, False, fraction)(
