@@ -1,10 +1,13 @@
-"""Adversarial attacks built from small parts: FGSM, PGD (L∞/L2), CW, APGD and Square.
+"""Adversarial attacks built from small parts: FGSM, PGD (L∞/L2), CW, APGD-CE/DLR/T, FAB-T,
+Square, and AutoAttack's standard suite (`autoattack`).
 
-One module per idea: `losses` (CE, margin, DLR), `norms` (start, step, projection), `loops` (how
-an attack's loop runs, and `Best`), `gradient` (FGSM, PGD, CW), `autopgd` (APGD),
-`square_attack` (Square) and `registry` (the attacks by name). `whole_defense` (the attacks on a
-whole defense: BPDA, the cluster selector, the surrogate, EOT) is above the purifier and is not
-imported here: `import srdjax.attacks.whole_defense` explicitly.
+One module per idea: `losses` (CE, margin, DLR, targeted DLR), `norms` (start, step,
+projection), `loops` (how an attack's loop runs, and `Best`), `inputs` (argument checks),
+`gradient` (FGSM, PGD, CW), `autopgd` (APGD, APGD-T), `fab` (FAB-T), `square_attack` and
+`square_l2` (Square), `suite` (AutoAttack's standard suite as a cascade: `autoattack`) and
+`registry` (the attacks by name). `whole_defense` (the attacks on a whole defense: BPDA, the
+cluster selector, the surrogate, EOT) is above the purifier and is not imported here:
+`import srdjax.attacks.whole_defense` explicitly.
 
 As in DeepMind's adversarial_robustness/jax, an attack is an initialiser (a random start in the
 ball), a step (the ascent direction of the norm), a projection (onto the ε-ball ∩ [0, 1]) and a
@@ -34,7 +37,10 @@ import types
 
 from srdjax.attacks import loops as _loops
 from srdjax.attacks import square_attack as _square_attack
-from srdjax.attacks.autopgd import ApgdState, apgd, apgd_checkpoints
+from srdjax.attacks.suite import STANDARD_SUITE, autoattack
+from srdjax.attacks.autopgd import (ApgdState, apgd, apgd_checkpoints, apgd_targeted,
+                                    apgd_targets)
+from srdjax.attacks.fab import fab_targeted
 from srdjax.attacks.gradient import cw, fgsm, pgd, pgd_on_loss
 from srdjax.attacks.loops import LOOPS, UNROLL_MAX, Best
 from srdjax.attacks.losses import (LOSSES, ce_loss, dlr_loss, margin_loss, targeted_ce_loss,
@@ -44,9 +50,10 @@ from srdjax.attacks.registry import ATTACKS, attack_by_name
 from srdjax.attacks.square_attack import SQUARE_COMPACT_EVERY, square, square_sizes
 
 __all__ = ["ATTACKS", "ApgdState", "Best", "LOOPS", "LOSSES", "NORMS", "Norm",
-           "SQUARE_COMPACT_EVERY", "UNROLL_MAX", "apgd", "apgd_checkpoints", "attack_by_name", "ce_loss", "cw",
-           "dlr_loss", "fgsm", "margin_loss", "pgd", "pgd_on_loss", "square", "square_sizes",
-           "targeted_ce_loss", "targeted_dlr_loss", "targeted_margin_loss"]
+           "SQUARE_COMPACT_EVERY", "STANDARD_SUITE", "autoattack", "UNROLL_MAX", "apgd", "apgd_checkpoints", "apgd_targeted",
+           "apgd_targets", "attack_by_name", "ce_loss", "cw", "dlr_loss", "fab_targeted", "fgsm",
+           "margin_loss", "pgd", "pgd_on_loss", "square", "square_sizes", "targeted_ce_loss",
+           "targeted_dlr_loss", "targeted_margin_loss"]
 
 # Settings read at call time by the module that uses them; setting them here sets them there.
 _SETTINGS = {"LOOPS": _loops, "UNROLL_MAX": _loops, "SQUARE_COMPACT_EVERY": _square_attack}

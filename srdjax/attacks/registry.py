@@ -1,10 +1,11 @@
-"""The attacks by name, with the settings the evaluation uses."""
+"""The attacks by name; the AutoAttack ones with the official standard version's settings."""
 from __future__ import annotations
 
 import functools
 from typing import Callable
 
-from srdjax.attacks.autopgd import apgd
+from srdjax.attacks.autopgd import apgd, apgd_targeted
+from srdjax.attacks.fab import fab_targeted
 from srdjax.attacks.gradient import cw, fgsm, pgd
 from srdjax.attacks.square_attack import square
 from srdjax.checks import check
@@ -17,7 +18,9 @@ ATTACKS = {
     "cw": functools.partial(cw, steps=30),
     "apgd-ce": functools.partial(apgd, loss="ce", steps=100),
     "apgd-dlr": functools.partial(apgd, loss="dlr", steps=100),
-    "square": functools.partial(square, n_queries=1000),
+    "apgd-t": functools.partial(apgd_targeted, steps=100, n_target_classes=9),
+    "fab-t": functools.partial(fab_targeted, steps=100, n_target_classes=9),
+    "square": functools.partial(square, n_queries=5000, p_init=0.8),
 }
 
 
