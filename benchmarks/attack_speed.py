@@ -77,16 +77,10 @@ def standard_attack(name: str, warmup: bool, fraction: float = 1.0):
         return lambda f, x, y, **kw: attacks.apgd_targeted(f, x, y, steps=steps,
                                                            n_target_classes=9, **kw)
     if name == "fab-t":
-        from srdjax.attacks.fab import fab_targeted
-        return lambda f, x, y, **kw: fab_targeted(f, x, y, steps=steps,
-                                                  n_target_classes=9, **kw)
+        return lambda f, x, y, **kw: attacks.fab_targeted(f, x, y, steps=steps,
+                                                          n_target_classes=9, **kw)
     queries = 10 if warmup else max(1, round(5000 * fraction))
-
-    def square(f, x, y, *, norm, **kw):
-        if norm != "linf":      # Square's signature has no norm where only L-inf exists
-            kw["norm"] = norm
-        return attacks.square(f, x, y, n_queries=queries, p_init=0.8, **kw)
-    return square
+    return lambda f, x, y, **kw: attacks.square(f, x, y, n_queries=queries, p_init=0.8, **kw)
 
 
 def images(config, n, logits_fn):
@@ -161,10 +155,6 @@ def main(argv=None):
         result["defenses"][defense] = {"attacks": rows, "classifier": args.stage if defense ==
                                        "bare" else "purify -> robust (BPDA)"}
         for name in args.attacks:
-            from srdjax import attacks
-            if name == "apgd-t" and not hasattr(attacks, "apgd_targeted"):
-                print(f"{defense:11s} {name:8s} skipped: srdjax.attacks has no apgd_targeted")
-                continue
             rows[name] = time_attack(name, logits_fn, x, y, args.norm, args.eps, args.fraction)
             write_json(args.out, {**result, "machine": machine(since=cpu_start)})
             r = rows[name]
