@@ -4,6 +4,17 @@
                                                   # 256 atoms, sparsity 8, float32
     python benchmarks/omp.py --data random --n 20000 --devices 2
     python benchmarks/omp.py --argmax-ab          # also: the greedy step's argmax, old vs new
+    python benchmarks/omp.py --data random --devices 2 --spams   # with SPAMS beside it
+
+--spams adds SPAMS (Mairal et al.; the fastest CPU OMP we know of), installed by hand:
+`pip install spams-bin` (a binary wheel with its own OpenBLAS and OpenMP). SPAMS codes the same
+float32 signals with `numThreads` = --spams-threads (default: --devices). Its `omp` must be
+given eps=0 and lambda1=0 explicitly: left unset (spams-bin 2.6.14), about one process in four
+returned no coefficient at all. SPAMS' `omp` is forward selection (order-recursive matching
+pursuit, its coreORMP): each step takes the atom that most reduces the residual after the
+orthogonal projection, where OMP (srdjax, scikit-learn) takes the atom most correlated with the
+residual. The two agree on the first atom and often on all of them, not always; the rows report
+how often the supports are the same and each one's mean squared residual.
 
 scikit-learn is timed two ways, `sparse_encode(algorithm="omp")` and `orthogonal_mp_gram` with a
 precomputed Gram matrix and correlations (what sparse_encode calls underneath), and the faster is
@@ -13,6 +24,7 @@ minimum over --repeats runs (the median is reported too: the machine may be shar
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 import time
@@ -39,6 +51,9 @@ def parse_args():
     parser.add_argument("--argmax-ab", action="store_true",
                         help="also time srdjax's OMP with the row-wise argmax it used before "
                              "2026-11-28 against the grouped one, alternating, in this run")
+    parser.add_argument("--spams", action="store_true", help="also time SPAMS' omp")
+    parser.add_argument("--spams-threads", type=int, default=None,
+                        help="SPAMS numThreads (default: --devices)")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/omp.json"))
     return parser.parse_args()
 
@@ -100,6 +115,19 @@ def argmax_ab(omp_lib, d_dev, x_dev, k, chunk, repeats):
             "max_abs_value_diff": float(np.abs(np.asarray(v_a) - np.asarray(v_b)).max())}
 
 
+def spams_omp(dictionary, signals, k, threads):
+    """SPAMS' OMP codes [N, atoms] of the rows of `signals` (SPAMS wants Fortran-ordered
+    columns), and a function that reruns the coding alone for timing."""
+    import numpy as np
+    import spams
+    d = np.asfortranarray(dictionary.T)
+    x = np.asfortranarray(signals.T)
+
+    def run():
+        return spams.omp(x, d, L=k, eps=0.0, lambda1=0.0, numThreads=threads)
+    return run, lambda codes: np.asarray(codes.todense()).T
+
+
 def timed(fn, repeats):
     times, out = [], None
     for _ in range(repeats):
@@ -122,7 +150,7 @@ def main():
     from sklearn.decomposition import sparse_encode
     from sklearn.linear_model import orthogonal_mp_gram
 
-    from benchmarks.common import cpu_times, machine, write_json
+    from benchmarks.common import cpu_times, interleaved, machine, write_json
     from srdjax import omp as omp_lib
 
     cpu_start = cpu_times()
@@ -186,6 +214,36 @@ def main():
     print(f"support agreement {result['support_agreement']:.4f}   max |coef diff| "
           f"{result['max_abs_coef_diff']:.3g} (same support: "
           f"{result['max_abs_coef_diff_same_support']:.3g})")
+    if args.spams:
+        import spams
+        threads = args.spams_threads or args.devices
+        spams_run, spams_dense = spams_omp(dictionary, signals, k, threads)
+        spams_run()
+        (spams_codes, jax_codes), (s_best, j_best), (s_med, j_med) = interleaved(
+            [spams_run, run], args.repeats)
+        spams_codes = spams_dense(spams_codes)
+        residual = lambda c: float(np.mean(np.sum((signals - c @ dictionary) ** 2, axis=1)))
+        same = np.all((np.asarray(jax_codes) != 0) == (spams_codes != 0), axis=1)
+        result["spams"] = {
+            "version": importlib.metadata.version("spams-bin"), "threads": threads,
+            "spams_s": s_best, "spams_median_s": s_med,
+            "srdjax_s": j_best, "srdjax_median_s": j_med, "srdjax_over_spams": j_best / s_best,
+            "nonzeros_per_signal": float((spams_codes != 0).sum(1).mean()),
+            "mean_sq_residual_spams": residual(spams_codes),
+            "mean_sq_residual_srdjax": residual(np.asarray(jax_codes)),
+            "support_agreement_srdjax": float(same.mean()),
+            "support_agreement_sklearn": float(np.all((spams_codes != 0) == (ref != 0),
+                                                      axis=1).mean()),
+            "max_abs_coef_diff_same_support": float(
+                np.abs(np.asarray(jax_codes) - spams_codes)[same].max()) if same.any() else None}
+        sp = result["spams"]
+        print(f"SPAMS omp ({threads} threads), interleaved with srdjax: SPAMS {s_best:.4f} s "
+              f"(median {s_med:.4f}), srdjax {j_best:.4f} s (median {j_med:.4f}): srdjax "
+              f"{sp['srdjax_over_spams']:.2f}x SPAMS' time")
+        print(f"same supports as srdjax {sp['support_agreement_srdjax']:.4f}, as sklearn "
+              f"{sp['support_agreement_sklearn']:.4f}; max |coef diff| on them "
+              f"{sp['max_abs_coef_diff_same_support']:.3g}; mean squared residual SPAMS "
+              f"{sp['mean_sq_residual_spams']:.4f}, srdjax {sp['mean_sq_residual_srdjax']:.4f}")
     if args.argmax_ab:
         ab = argmax_ab(omp_lib, d_dev, x_dev, k, args.chunk, args.repeats)
         result["argmax_ab"] = ab

@@ -254,11 +254,14 @@ def omp_support(dictionary, signals, sparsity: int, *, gram=None, tol=None,
 def codes_from_support(support, values, n_atoms: int):
     """Dense codes [n, n_atoms] from the compact (support, values) form."""
     chex.assert_equal_shape([support, values])
-    n = support.shape[0]
-    dense = jnp.zeros((n, n_atoms), values.dtype)
-    rows = jnp.arange(n)[:, None]
-    # Empty slots point at atom 0 with value 0, so the scatter-add leaves them out.
-    return dense.at[rows, jnp.maximum(support, 0)].add(jnp.where(support >= 0, values, 0.0))
+    # Each slot's value placed by comparing its atom with every atom index (empty slots, -1,
+    # match none): elementwise, so a row-sharded batch stays where it is. A scatter-add into
+    # zeros was 3x slower on a CPU, and over two devices XLA summed the dense codes across them.
+    atoms = jnp.arange(n_atoms, dtype=support.dtype)[None, :]
+    dense = jnp.zeros((support.shape[0], n_atoms), values.dtype)
+    for j in range(support.shape[1]):
+        dense = dense + jnp.where(atoms == support[:, j, None], values[:, j, None], 0)
+    return dense
 
 
 def omp(dictionary, signals, sparsity: int, *, gram=None, tol=None,
