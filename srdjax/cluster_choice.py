@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from srdjax import clusters as clusters_lib
-from srdjax import dictionary as dict_lib
+from srdjax import patches as patch_lib
+from srdjax import resynthesis
 from srdjax import frequency
 from srdjax.checks import check, is_concrete
 
@@ -35,10 +36,10 @@ def _split(p, x):
 def rebuild_high(p, k, high):
     """Ĥ: the high parts [N, H, W, C] rebuilt with OMP, image i with dictionary k[i]."""
     o = p.options
-    patches = dict_lib._extract(high, o.patch_size, o.stride)
-    support, values = dict_lib.code_per_image(p.dictionaries, p.grams, k, patches, o.sparsity,
+    patches = patch_lib._extract(high, o.patch_size, o.stride)
+    support, values = resynthesis.code_per_image(p.dictionaries, p.grams, k, patches, o.sparsity,
                                               o.image_chunk)
-    return dict_lib.rebuild_per_image(p.dictionaries, k, support, values, high.shape[1:],
+    return resynthesis.rebuild_per_image(p.dictionaries, k, support, values, high.shape[1:],
                                       o.patch_size, o.stride, o.image_chunk)
 
 

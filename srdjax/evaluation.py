@@ -228,7 +228,7 @@ def load_defenses(workdir, s: Settings, mesh=None):
 # saved cell is reused only when it is byte for byte the code that computed it. The reports
 # (srdjax.report, srdjax.stats) are not among them: rewording a report keeps the cells.
 RESULT_MODULES = ("attacks", "cascade", "clusters", "defenses", "dictionary", "evaluation",
-                  "frequency", "models", "omp", "parallel", "purifier")
+                  "frequency", "models", "omp", "parallel", "patches", "purifier", "resynthesis")
 
 
 @functools.lru_cache(maxsize=None)

@@ -28,7 +28,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from srdjax import clusters as clusters_lib
-from srdjax import dictionary as dict_lib
+from srdjax import patches as patch_lib
+from srdjax import resynthesis
 from srdjax import frequency
 from srdjax import omp as omp_lib
 from srdjax import parallel
@@ -88,7 +89,7 @@ def auto_image_chunk(options: PurifyOptions) -> int:
     images for ACCELERATOR_PATCHES patches (each chunk is a pass of a loop of small kernels)."""
     if not parallel.on_accelerator():
         return 16
-    rows, cols = dict_lib._grid(*options.image_size, options.patch_size, options.stride)
+    rows, cols = patch_lib._grid(*options.image_size, options.patch_size, options.stride)
     return max(16, ACCELERATOR_PATCHES // (rows * cols))
 
 
@@ -124,13 +125,13 @@ def choose_cluster(p: Purifier, x):
 
 def _supports(p: Purifier, k, patches):
     """OMP supports and values of every patch, image i coded with dictionary k[i]."""
-    return dict_lib.code_per_image(p.dictionaries, p.grams, k, patches, p.options.sparsity,
+    return resynthesis.code_per_image(p.dictionaries, p.grams, k, patches, p.options.sparsity,
                                    p.options.image_chunk)
 
 
 def _rebuild(p: Purifier, low, k, support, values, shape):
     o = p.options
-    return low + dict_lib.rebuild_per_image(p.dictionaries, k, support, values, shape,
+    return low + resynthesis.rebuild_per_image(p.dictionaries, k, support, values, shape,
                                             o.patch_size, o.stride, o.image_chunk)
 
 
@@ -138,7 +139,7 @@ def _purify_with_choices(p: Purifier, x):
     """(purified images, chosen clusters, OMP supports): the choices BPDA holds fixed."""
     low, high = _split(p, x)
     k = choose_cluster(p, x)
-    patches = dict_lib._extract(high, p.options.patch_size, p.options.stride)
+    patches = patch_lib._extract(high, p.options.patch_size, p.options.stride)
     support, values = _supports(p, k, patches)
     out = jnp.clip(_rebuild(p, low, k, support, values, x.shape[1:]), 0.0, 1.0).astype(x.dtype)
     return out, k, support
@@ -227,10 +228,10 @@ def _project_high(p: Purifier, k, support, high):
     E the patch extraction, P_S each patch's orthogonal projection onto the span of its support's
     atoms (least squares on the support) and R the overlap average."""
     o = p.options
-    patches = dict_lib._extract(high, o.patch_size, o.stride)
-    values = dict_lib.values_on_support(p.dictionaries, p.grams, k, support, patches,
+    patches = patch_lib._extract(high, o.patch_size, o.stride)
+    values = resynthesis.values_on_support(p.dictionaries, p.grams, k, support, patches,
                                         o.image_chunk)
-    return dict_lib.rebuild_per_image(p.dictionaries, k, support, values, high.shape[1:],
+    return resynthesis.rebuild_per_image(p.dictionaries, k, support, values, high.shape[1:],
                                       o.patch_size, o.stride, o.image_chunk)
 
 
@@ -253,7 +254,7 @@ def _linear_fwd(p, x, k, support):
 def _linear_bwd(res, g):
     p, x, k, support = res
     o = p.options
-    counts = jnp.asarray(dict_lib.patch_counts(x.shape[1:], o.patch_size, o.stride), g.dtype)
+    counts = jnp.asarray(patch_lib.patch_counts(x.shape[1:], o.patch_size, o.stride), g.dtype)
     g_high = counts * _project_high(p, k, support, g / counts)
     _, split_vjp = jax.vjp(functools.partial(_split, p), x)
     return (_zero_cotangent(p), split_vjp((g, g_high))[0], _zero_cotangent(k),

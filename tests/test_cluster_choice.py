@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from srdjax import cluster_choice, clusters, dictionary, frequency, purifier as pur
+from srdjax import cluster_choice, clusters, frequency, resynthesis, purifier as pur
 from srdjax.checks import SrdjaxError
 from srdjax.models import apply_model, create_model, split_model
 
@@ -37,7 +37,7 @@ def _split(p, x):
 
 
 def _rebuild(p, k, high):
-    return np.asarray(dictionary.reconstruct_high(p.dictionaries, jnp.asarray(k, jnp.int32),
+    return np.asarray(resynthesis.reconstruct_high(p.dictionaries, jnp.asarray(k, jnp.int32),
                                                   high, PATCH, SPARSITY, stride=STRIDE))
 
 

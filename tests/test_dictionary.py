@@ -8,6 +8,8 @@ from sklearn.decomposition import sparse_encode
 from sklearn.feature_extraction.image import extract_patches_2d, reconstruct_from_patches_2d
 
 from srdjax import dictionary as dl
+from srdjax import patches as pl
+from srdjax import resynthesis as rs
 from srdjax.checks import SrdjaxError
 from srdjax.frequency import split
 from tests.helpers import CIFAR_DIR, cifar_test_images
@@ -33,19 +35,19 @@ def _numpy_patches(images, p, s):
                                        ((2, 7, 8, 2), 2, 1)])
 def test_extract_matches_numpy_loop(shape, p, s):
     images = np.random.default_rng(0).random(shape).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(dl.extract_patches(images, p, s)),
+    np.testing.assert_array_equal(np.asarray(pl.extract_patches(images, p, s)),
                                   _numpy_patches(images, p, s))
 
 
 def test_extract_matches_sklearn_and_reconstruct_averages(x64):
     images = np.random.default_rng(1).random((2, 11, 9, 3))
-    patches = dl.extract_patches(images, 4)
+    patches = pl.extract_patches(images, 4)
     for i in range(2):
         ref = extract_patches_2d(images[i], (4, 4))
         np.testing.assert_array_equal(np.asarray(patches[i]), ref.reshape(len(ref), -1))
     # Arbitrary (inconsistent) patches: reconstruction is sklearn's overlap average.
     noisy = np.random.default_rng(2).normal(size=patches.shape)
-    rebuilt = dl.reconstruct_from_patches(jnp.asarray(noisy), (11, 9, 3), 4)
+    rebuilt = pl.reconstruct_from_patches(jnp.asarray(noisy), (11, 9, 3), 4)
     for i in range(2):
         ref = reconstruct_from_patches_2d(noisy[i].reshape(-1, 4, 4, 3), (11, 9, 3))
         np.testing.assert_allclose(np.asarray(rebuilt[i]), ref, atol=1e-12)
@@ -55,14 +57,14 @@ def test_extract_matches_sklearn_and_reconstruct_averages(x64):
 def test_patch_round_trip_is_exact(cifar_high, p, s):
     images = cifar_high[:4, :29, :29] if (32 - p) % s else cifar_high[:4]
     shape = images.shape[1:]
-    rebuilt = dl.reconstruct_from_patches(dl.extract_patches(images, p, s), shape, p, s)
+    rebuilt = pl.reconstruct_from_patches(pl.extract_patches(images, p, s), shape, p, s)
     np.testing.assert_array_equal(np.asarray(rebuilt), images)
 
 
 def test_patches_are_linear_and_differentiable(x64):
     x = jnp.asarray(np.random.default_rng(3).random((1, 6, 6, 2)))
     w = jnp.asarray(np.random.default_rng(4).normal(size=(1, 9, 32)))
-    f = jax.jit(lambda im: dl.reconstruct_from_patches(w * dl.extract_patches(im, 4, 1),
+    f = jax.jit(lambda im: pl.reconstruct_from_patches(w * pl.extract_patches(im, 4, 1),
                                                        (6, 6, 2), 4, 1))
     check_grads(f, (x,), order=1, modes=("rev", "fwd"))
 
@@ -70,11 +72,11 @@ def test_patches_are_linear_and_differentiable(x64):
 def test_patches_that_do_not_tile_are_refused():
     x = np.zeros((1, 32, 32, 3), np.float32)
     with pytest.raises(SrdjaxError, match="tile"):
-        dl.extract_patches(x, 8, 5)
+        pl.extract_patches(x, 8, 5)
     with pytest.raises(SrdjaxError, match="patch_size"):
-        dl.extract_patches(x, 40)
+        pl.extract_patches(x, 40)
     with pytest.raises(SrdjaxError, match="patches must be"):
-        dl.reconstruct_from_patches(jnp.zeros((1, 10, 192)), (32, 32, 3), 8, 1)
+        pl.reconstruct_from_patches(jnp.zeros((1, 10, 192)), (32, 32, 3), 8, 1)
 
 
 def _planted(seed, n_atoms=50, dim=20, sparsity=3, n=2000):
@@ -134,9 +136,9 @@ def test_dead_and_repeated_atoms_are_reseeded_with_worst_signals():
 @pytest.mark.filterwarnings("ignore:Orthogonal matching pursuit ended prematurely")
 def test_sparse_code_images_matches_sklearn_pipeline(x64, cifar_high):
     high = cifar_high[:2, :16, :16].astype(np.float64)
-    atoms = dl.initial_dictionary(jax.random.PRNGKey(3), dl.extract_patches(high, 4)[0], 40)
+    atoms = dl.initial_dictionary(jax.random.PRNGKey(3), pl.extract_patches(high, 4)[0], 40)
     atoms = np.asarray(atoms)
-    rebuilt = dl.sparse_code_images(atoms, high, patch_size=4, sparsity=3)
+    rebuilt = rs.sparse_code_images(atoms, high, patch_size=4, sparsity=3)
     for i in range(2):
         patches = extract_patches_2d(high[i], (4, 4)).reshape(-1, 48)
         codes = sparse_encode(patches, atoms, algorithm="omp", n_nonzero_coefs=3)
@@ -192,15 +194,15 @@ def test_clusters_of_different_sizes_share_compiled_steps(cifar_high):
 
 
 def test_reconstruct_high_uses_each_images_dictionary(cifar_high):
-    patches = dl.extract_patches(cifar_high[:3], 8, 4)
+    patches = pl.extract_patches(cifar_high[:3], 8, 4)
     dictionaries = jnp.stack([dl.initial_dictionary(jax.random.PRNGKey(i), patches[i], 32)
                               for i in range(3)])
     cluster_idx = jnp.asarray([2, 0, 1, 1, 0])
     high = cifar_high[:5]
-    rebuilt = jax.jit(dl.reconstruct_high, static_argnums=(3, 4))(dictionaries, cluster_idx,
+    rebuilt = jax.jit(rs.reconstruct_high, static_argnums=(3, 4))(dictionaries, cluster_idx,
                                                                   high, 8, 3)
     for i, k in enumerate(np.asarray(cluster_idx)):
-        one = dl.sparse_code_images(dictionaries[k], high[i:i + 1], 8, 3)
+        one = rs.sparse_code_images(dictionaries[k], high[i:i + 1], 8, 3)
         np.testing.assert_allclose(np.asarray(rebuilt[i:i + 1]), np.asarray(one), atol=1e-5)
     # Re-synthesis keeps much of the high-frequency energy even with these crude dictionaries.
     assert np.mean((np.asarray(rebuilt) - high) ** 2) < 0.7 * np.mean(high ** 2)
@@ -226,7 +228,7 @@ def test_bad_learning_input():
         dl.learn_cluster_dictionaries(jax.random.PRNGKey(0), np.zeros((2, 8, 8, 3), np.float32),
                                       np.array([0, 3]), 2)
     with pytest.raises(SrdjaxError, match="dim"):
-        dl.reconstruct_high(jnp.ones((2, 8, 48)), jnp.zeros(1, jnp.int32),
+        rs.reconstruct_high(jnp.ones((2, 8, 48)), jnp.zeros(1, jnp.int32),
                             jnp.zeros((1, 8, 8, 3)), 8, 2)
 
 
@@ -244,7 +246,7 @@ def test_values_on_support_are_least_squares_per_patch():
                         for _ in range(n)]).astype(np.int32)
     support[0, 0, 2:] = -1                       # fewer atoms than slots
     support[3, 5, 1:] = -1
-    values = np.asarray(dl.values_on_support(jnp.asarray(dics), jnp.asarray(grams), k, support,
+    values = np.asarray(rs.values_on_support(jnp.asarray(dics), jnp.asarray(grams), k, support,
                                              patches, image_chunk=2))
     for i in range(n):
         for j in range(p):

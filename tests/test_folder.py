@@ -157,7 +157,7 @@ def test_imagenet10_config_tiles_its_resolution(resolution):
     """configs/imagenet10.py:<resolution> is a valid config whose patches tile its images."""
     from configs.imagenet10 import get_config
     from srdjax import stages
-    from srdjax.dictionary import _grid
+    from srdjax.patches import _grid
     c = get_config(str(resolution))
     stages.validate_config(c)
     assert tuple(c.data.image_size) == (resolution, resolution)

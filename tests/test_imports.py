@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "srdjax"
 # the attacks on whole defenses, which attack the purifier and so sit above it.
 PRIMITIVES = {"srdjax." + m for m in (
     "checks", "xla_env", "parallel", "checkpoints", "data", "imageio", "models", "kmeans",
-    "kmeans_lloyd", "kmeans_seeding", "kmeans_select", "omp", "frequency", "attacks")}
+    "kmeans_lloyd", "kmeans_seeding", "kmeans_select", "omp", "frequency", "patches", "attacks")}
 ABOVE_PRIMITIVES = {"srdjax.attacks.whole_defense"}
 
 

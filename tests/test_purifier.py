@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import srdjax
+import srdjax.patches
 from srdjax import clusters, parallel, purifier as pur
 from srdjax.checks import SrdjaxError
 from srdjax.frequency import split
@@ -90,7 +91,7 @@ def test_low_part_passes_through_unchanged():
     p, x = _tiny_purifier(), _images()
     low, high = split(x, lam=5.0, pad=4)
     k = pur.choose_cluster(p, x)
-    patches = srdjax.dictionary._extract(high, 4, 2)
+    patches = srdjax.patches._extract(high, 4, 2)
     support, values = pur._supports(p, k, patches)
     rebuilt_high = pur._rebuild(p, jnp.zeros_like(low), k, support, values, x.shape[1:])
     unclipped = pur._rebuild(p, low, k, support, values, x.shape[1:])
@@ -192,7 +193,7 @@ def test_bpda_gradient_equals_the_hand_computed_one(size, patch, stride):
     e, r_mat = _patch_matrices(size, patch, stride)
     _, high = split(x, lam=5.0, pad=4)
     k = int(pur.choose_cluster(p, x)[0])
-    patches = srdjax.dictionary._extract(high, patch, stride)
+    patches = srdjax.patches._extract(high, patch, stride)
     support, _ = pur._supports(p, jnp.array([k]), patches)
     dic = np.asarray(p.dictionaries[k], np.float64)
     dim = patch * patch * 3
