@@ -215,6 +215,10 @@ class CellCache:
         self.dir, self.stage_stamps, self.code, self.read = (Path(directory), stage_stamps, code,
                                                              read)
         self.reused, self.computed = 0, 0
+        # Cells this run already met (saved or read) and meets again -- the ε curve's cell at the
+        # main ε can be the cascade's own: read back even when read=False, and counted as
+        # `repeated`, not as resumed from an earlier run.
+        self._this_run, self.repeated = set(), 0
 
     def key(self, what: str, stages_used, **parts) -> str:
         parts = {"what": what, "code": self.code,
@@ -230,7 +234,9 @@ class CellCache:
         """(per-row bool, seconds) of a saved cell over exactly `rows`, or None."""
         n = len(rows)
         found, values, seconds = False, np.zeros(n, bool), 0.0
-        if self.read and parallel.is_main_process() and self._path(key).exists():
+        again = key in self._this_run
+        if ((self.read or again) and parallel.is_main_process()
+                and self._path(key).exists()):
             try:
                 with np.load(self._path(key), allow_pickle=False) as f:
                     values, seconds, saved_rows = f["values"], float(f["seconds"]), f["rows"]
@@ -247,11 +253,16 @@ class CellCache:
             found, values, seconds = bool(found), np.asarray(values), float(seconds)
         if not found:
             return None
-        self.reused += 1
+        if again:
+            self.repeated += 1
+        else:
+            self.reused += 1
+        self._this_run.add(key)
         return values, seconds
 
     def save(self, key: str, rows, values: np.ndarray, seconds: float, description: str) -> None:
         self.computed += 1
+        self._this_run.add(key)
         if not parallel.is_main_process():
             return
         self.dir.mkdir(parents=True, exist_ok=True)
