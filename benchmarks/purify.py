@@ -76,17 +76,17 @@ def _times(fn, args, repeats):
 def parts(purifier, x, repeats):
     """Seconds per batch of each step of purify, each jitted alone on one device: they overlap
     and fuse differently inside the whole program, so they need not add up to its time."""
-    from srdjax import dictionary as dl
+    from srdjax import patches as patch_lib
     p, o = purifier, purifier.options
     x = jax.device_put(x, jax.devices()[0])
     low, high = pur._split(p, x)
     k = pur.choose_cluster(p, x)
-    patches = dl._extract(high, o.patch_size, o.stride)
+    patches = patch_lib._extract(high, o.patch_size, o.stride)
     support, values = pur._supports(p, k, patches)
     steps = {
         "split": (lambda p, x: pur._split(p, x), (p, x)),
         "choose_cluster": (pur.choose_cluster, (p, x)),
-        "extract_patches": (lambda h: dl._extract(h, o.patch_size, o.stride), (high,)),
+        "extract_patches": (lambda h: patch_lib._extract(h, o.patch_size, o.stride), (high,)),
         "correlations": (lambda p, k, s: jnp.einsum("npd,nad->npa", s, p.dictionaries[k]),
                          (p, k, patches)),
         "omp (with correlations)": (lambda p, k, s: pur._supports(p, k, s), (p, k, patches)),
@@ -99,11 +99,11 @@ def parts(purifier, x, repeats):
 def _reference_linear(p, x, k, support):
     """The fixed-support linear map of purify as autodiff saw it before its vjp was written out:
     least squares on each patch's gathered atoms (omp.least_squares_on_support), vmapped."""
-    from srdjax import dictionary as dl
+    from srdjax import patches as patch_lib
     from srdjax import omp
     o = p.options
     low, high = pur._split(p, x)
-    patches = dl._extract(high, o.patch_size, o.stride)
+    patches = patch_lib._extract(high, o.patch_size, o.stride)
     values = jax.vmap(omp.least_squares_on_support)(p.dictionaries[k], patches, support)
     return pur._rebuild(p, low, k, support, values, x.shape[1:])
 

@@ -14,6 +14,7 @@ from jax.tree_util import Partial
 
 from srdjax import cascade, defenses, evaluation, parallel, report, stats
 from srdjax import purifier as pur
+import srdjax.patches
 from srdjax.attacks import whole_defense
 from srdjax.attacks import ce_loss
 from srdjax.checks import SrdjaxError
@@ -109,7 +110,7 @@ def test_surrogate_value_is_the_real_defense_and_its_gradient_the_soft_one():
         forced = []
         for k in range(2):          # purify forced to cluster k, before the clip
             k = jnp.full((3,), k, jnp.int32)
-            patches = pur.dict_lib._extract(pur._split(p, u)[1], 4, 2)
+            patches = srdjax.patches._extract(pur._split(p, u)[1], 4, 2)
             forced.append(pur._linear_given_choices(p, u, k, pur._supports(p, k, patches)[0]))
         return {"real": whole_defense.defense_logits(d, u),
                 "surrogate": whole_defense.surrogate_logits(p, d.classifier, u, top=2,

@@ -234,7 +234,7 @@ def _row_ids(ids, x):
     """Each image's id [N] (default 0..N-1) as int32, placed on the devices as x's rows."""
     if ids is None:
         ids = np.arange(x.shape[0], dtype=np.int32)
-    if isinstance(ids, jax.Array) and not ids.is_fully_addressable:
+    if isinstance(ids, jax.Array) and is_concrete(ids) and not ids.is_fully_addressable:
         # A global array of a multi-process run: the caller placed it as x's rows; no process
         # can read it whole.
         return ids.astype(jnp.int32)

@@ -40,7 +40,7 @@ from jax.tree_util import Partial
 from srdjax import attacks
 from srdjax import clusters as clusters_lib
 from srdjax import defenses as transforms
-from srdjax import dictionary as dict_lib
+from srdjax import patches as patch_lib
 from srdjax import purifier as purifier_lib
 from srdjax.checks import check, check_images, check_labels
 from srdjax.models import apply_model
@@ -131,7 +131,7 @@ def soft_purify(p: purifier_lib.Purifier, x, *, top: int = 3, temperature: float
     weights = jax.nn.softmax(neg_d / temperature, axis=-1)
     # OMP picks its atoms at the current point; no gradient flows through the picks.
     _, high = purifier_lib._split(p, jax.lax.stop_gradient(x))
-    patches = dict_lib._extract(high, p.options.patch_size, p.options.stride)
+    patches = patch_lib._extract(high, p.options.patch_size, p.options.stride)
     mixed = 0.0
     for t in range(top):
         support, _ = purifier_lib._supports(p, nearest[:, t], patches)
