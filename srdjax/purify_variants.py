@@ -27,6 +27,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from srdjax import cluster_choice
 from srdjax import clusters as clusters_lib
@@ -81,6 +82,9 @@ def apply(p: purifier_lib.Purifier, v: Variant) -> tuple[purifier_lib.Purifier, 
     check(v.sparsity <= min(n_atoms, dim),
           f"purify sparsity {v.sparsity} exceeds the dictionaries' {n_atoms} atoms or the patch "
           f"dimension {dim}")
+    if v.choice == "top_classes":
+        n_classes = len(np.unique(np.asarray(p.clusters.class_ids)))
+        check(v.top <= n_classes, f"purify top {v.top} exceeds the purifier's {n_classes} classes")
     options = dataclasses.replace(o, lam=float(v.lam or o.lam), sparsity=v.sparsity or o.sparsity)
     used = dataclasses.replace(v, lam=options.lam, sparsity=options.sparsity)
     return p.replace(options=options), used

@@ -141,5 +141,7 @@ def test_apply_replaces_lam_and_sparsity_and_keeps_the_dictionaries(setup):
     assert not np.allclose(pur.purify(q, x), pur.purify(p, x), atol=1e-3)
     with pytest.raises(SrdjaxError, match="sparsity 49 exceeds"):
         purify_variants.apply(p, Variant(sparsity=49))
+    with pytest.raises(SrdjaxError, match="purify top 4 exceeds the purifier's 3 classes"):
+        purify_variants.apply(p, Variant("top_classes", top=4))
     with pytest.raises(SrdjaxError, match="unknown purify choice 'best'"):
         Variant("best")
