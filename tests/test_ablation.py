@@ -123,3 +123,34 @@ def test_the_ablation_command_makes_the_table_from_per_image_results(workdir, tm
     assert "--config.cluster.k_max=1" in not_run["clusters_one_per_class"]["command"]
     md = (tmp_path / "abl.md").read_text()
     assert "not run: needs training" in md and "| reconstruction |" in md
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("purify.choice", "best", "config.evaluate.purify.choice must be one of"),
+    ("purify.top", 0, "config.evaluate.purify.top must be in"),
+    ("purify.lam", -1.0, "config.evaluate.purify.lam must be >= 0"),
+    ("purify.sparsity", -1, "config.evaluate.purify.sparsity must be >= 0"),
+    ("subset", "all", "config.evaluate.subset must be one of"),
+    ("report_per_class", -1, "config.evaluate.report_per_class must be >= 0"),
+])
+def test_bad_purify_and_subset_fields_get_one_clear_error(field, value, message):
+    from srdjax.config_checks import check_config
+    c = smoke_config("/unused")
+    section, _, name = ("evaluate." + field).rpartition(".")
+    target = c
+    for part in section.split("."):
+        target = target[part]
+    target[name] = value
+    with pytest.raises(SrdjaxError, match=message.replace(".", r"\.")):
+        check_config(c)
+
+
+def test_a_config_without_the_new_fields_is_the_paper_s_purify_on_the_report_subset():
+    """Workdirs saved before these fields existed keep loading, with today's behaviour."""
+    from srdjax.config_checks import check_config
+    c = smoke_config("/unused")
+    for name in ("purify", "subset", "report_per_class"):
+        del c.evaluate[name]
+    check_config(c)
+    s = evaluation.Settings.from_config(c)
+    assert (s.purify, s.subset) == (evaluation.purify_variants.NEAREST, "report")
