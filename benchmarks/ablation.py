@@ -224,7 +224,8 @@ def render_markdown(r: dict) -> str:
     if r["report"] is not None:
         lines += ["", f"## Report: {s['report_per_class']} per class "
                       f"(n = {r['report']['n']})", ""] + _table(r["report"]["rows"])
-    lines += ["", "## Not run", "", "| row | what | setting | why | command |", "|---|---|---|---|---|"]
+    lines += ["", "## Not run", "", "| row | what | setting | why | command |",
+              "|---|---|---|---|---|"]
     for m in r["not_run"]:
         lines.append(f"| {m['row']} | {m['family']} | {m['setting']} | {m['why']} | "
                      f"{'`' + m['command'] + '`' if m['command'] else ''} |")
@@ -285,7 +286,8 @@ def main(argv=None) -> dict:
     runnable = [r for r in chosen_rows if not r.note and (not r.train
                                                           or Path(f"{workdir}_{r.name}").exists())]
     not_run = [{"row": r.name, "family": r.family, "setting": r.setting,
-                "why": r.note or "not run: needs training", "command": _train_command(r, args, workdir)}
+                "why": r.note or "not run: needs training",
+                "command": _train_command(r, args, workdir)}
                for r in chosen_rows if r not in runnable]
     t0 = time.time()
     screen = _evaluate_rows(runnable, args, base, workdir, "screen", args.screen_per_class)

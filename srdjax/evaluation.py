@@ -18,8 +18,8 @@ nothing it depends on has changed, so a killed run resumes with the same result;
 `evaluate.purify` sets how every purification defense purifies at test time (the cluster
 choice, Tikhonov λ and OMP sparsity, `srdjax.purify_variants`; the trained stages stay as they
 are), and `evaluate.subset` whether the images are the report subset or a disjoint screening
-subset (`evaluated_subset`): the purifier ablation (benchmarks/ablation.py) screens variants on one
-and reports the chosen on the other.
+subset (`evaluated_subset`): the purifier ablation (benchmarks/ablation.py) screens variants on
+one and reports the chosen on the other.
 """
 from __future__ import annotations
 
