@@ -2,6 +2,7 @@
 overrides in the cells' keys, and benchmarks/ablation.py end to end on the smoke run."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,6 +124,9 @@ def test_the_ablation_command_makes_the_table_from_per_image_results(workdir, tm
     assert "--config.cluster.k_max=1" in not_run["clusters_one_per_class"]["command"]
     md = (tmp_path / "abl.md").read_text()
     assert "not run: needs training" in md and "| reconstruction |" in md
+    # Each variant's own evaluation report says how it purified and on which images.
+    own = (Path(screen["reconstruction"]["output"]) / "results.md").read_text()
+    assert "cluster choice reconstruction" in own and "the screening subset" in own
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -154,3 +158,13 @@ def test_a_config_without_the_new_fields_is_the_paper_s_purify_on_the_report_sub
     check_config(c)
     s = evaluation.Settings.from_config(c)
     assert (s.purify, s.subset) == (evaluation.purify_variants.NEAREST, "report")
+
+
+def test_the_report_states_the_purify_variant_and_the_subset():
+    from srdjax import report
+    r = {"purify": {"choice": "top_classes", "top": 3, "lam": 2.5, "sparsity": 8},
+         "subset": {"name": "screen", "report_per_class": 100}}
+    assert report._variant_text(r) == (
+        " Purification: cluster choice top_classes (top 3), Tikhonov λ 2.5, OMP sparsity 8."
+        " Images: the screening subset, disjoint from the report subset of 100 per class.")
+    assert report._variant_text({}) == ""
