@@ -142,6 +142,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.evaluate.unbounded_max = 0.10  # sanity: flag a defense above this at ε = 1
     c.evaluate.output = "evaluation"  # reports go to <workdir>/<output>/
     c.evaluate.resume = True         # reuse finished cells of a killed run (<output>/cells/)
+    # Which test images: "report" (test_per_class seeded picks per class) or "screen" (as many
+    # per class from the images outside the report subset of report_per_class per class, so a
+    # variant chosen on the screen subset is reported on images it was not chosen on).
+    c.evaluate.subset = "report"
+    c.evaluate.report_per_class = 100  # the report subset a "screen" run avoids (n = 1,000)
+    # How every purification defense purifies at test time (the purifier ablation,
+    # srdjax/purify_variants.py); the trained clusters, dictionaries and robust model stay.
+    c.evaluate.purify = ml_collections.ConfigDict()
+    c.evaluate.purify.choice = "nearest"  # nearest (paper) | reconstruction | top_classes
+    c.evaluate.purify.top = 3        # top_classes: rebuilds averaged, one per nearest class
+    c.evaluate.purify.lam = 0.0      # Tikhonov λ of the split; 0: as trained (frequency.lam)
+    c.evaluate.purify.sparsity = 0   # OMP atoms per patch; 0: as trained (dictionaries.sparsity)
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator = ""   # host:port; empty: from the environment, or single process

@@ -89,10 +89,11 @@ def adversarial_images(name: str, d, x, y, *, ids, key, eps, s):
     common = dict(eps=eps, key=key, ids=ids, norm=s.norm)
     if name == "selector":
         return _call(whole_defense.selector_attack, d.purifier, x, y, steps=s.selector_steps,
-                     **common)
+                     variant=d.option, **common)
     if name == "surrogate":
-        surrogate = whole_defense._surrogate(s.surrogate_top, float(s.surrogate_temperature))
-        fn = Partial(surrogate, d.purifier, d.classifier)
+        surrogate = whole_defense._defense_surrogate(s.surrogate_top,
+                                                     float(s.surrogate_temperature))
+        fn = Partial(surrogate, d)
         return _call(attacks.pgd, fn, x, y, steps=s.surrogate_steps, **common)
     fn = Partial(whole_defense.attack_logits, d)
     if name in TRANSFER_SOURCES:

@@ -191,7 +191,11 @@ SCHEMA: dict[str, Any] = {
         "transfer_steps": _STEPS, "selector_steps": _STEPS, "surrogate_steps": _STEPS,
         "surrogate_top": _COUNT, "surrogate_temperature": number(0, above=True),
         "eot_samples": _COUNT, "unbounded_max": number(0, 1), "output": text(empty=False),
-        "resume": boolean,
+        "resume": boolean, "subset": text("report", "screen"), "report_per_class": integer(0),
+        "purify": {   # optional (older saved configs lack it): purify_variants.Variant
+            "choice": text("nearest", "reconstruction", "top_classes"), "top": integer(1, 1000),
+            "lam": number(0), "sparsity": integer(0),
+        },
     },
     "distributed": {
         "coordinator": text(),
@@ -202,7 +206,8 @@ SCHEMA: dict[str, Any] = {
 
 # May be absent from a config (every other field of SCHEMA must be present).
 OPTIONAL = {"resolution", "data.test_fraction", "data.classes", "data.tfds_train_split",
-            "data.tfds_test_split", "model.dtype", "evaluate", "distributed"}
+            "data.tfds_test_split", "model.dtype", "evaluate", "distributed",
+            "evaluate.purify", "evaluate.subset", "evaluate.report_per_class"}
 
 
 def _items(section) -> dict:

@@ -206,12 +206,16 @@ def load_folder(root, split: str, image_size, *, classes=None, test_fraction: fl
     return Dataset(np.concatenate(xs), np.concatenate(ys), tuple(f.name for f in folders))
 
 
-def class_balanced_subset(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Sorted indices of `per_class` seeded picks from every class."""
+def class_balanced_subset(y: np.ndarray, per_class: int, seed: int,
+                          exclude: np.ndarray | None = None) -> np.ndarray:
+    """Sorted indices of `per_class` seeded picks from every class, none of them in `exclude`
+    (indices into y; without it, the picks are those of every earlier version)."""
     rng = np.random.default_rng(seed)
     idx = []
     for c in np.unique(y):
         members = np.flatnonzero(y == c)
+        if exclude is not None:
+            members = np.setdiff1d(members, exclude)
         check(len(members) >= per_class,
               f"class {c} has {len(members)} images, fewer than the subset's {per_class} per class")
         idx.append(rng.choice(members, per_class, replace=False))

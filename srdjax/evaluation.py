@@ -14,6 +14,12 @@ robust_vs_eps.png and per_image.npz (per defense, which attack broke each image)
 `srdjax.report`. Every finished cell is saved in <output>/cells/ as it ends and reused when
 nothing it depends on has changed, so a killed run resumes with the same result;
 `--config.evaluate.resume=False` recomputes them all.
+
+`evaluate.purify` sets how every purification defense purifies at test time (the cluster
+choice, Tikhonov λ and OMP sparsity, `srdjax.purify_variants`; the trained stages stay as they
+are), and `evaluate.subset` whether the images are the report subset or a disjoint screening
+subset (`evaluated_subset`): the purifier ablation (benchmarks/ablation.py) screens variants on
+one and reports the chosen on the other.
 """
 from __future__ import annotations
 
@@ -27,8 +33,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from srdjax import attacks, cascade, parallel, report, stages
-from srdjax.attacks import whole_defense
+from srdjax import attacks, cascade, parallel, purify_variants, report, stages
 from srdjax.attacks.whole_defense import Classifier, Defense
 from srdjax.cascade import PURIFIER_ONLY, TRANSFER_SOURCES
 from srdjax.checks import check
@@ -78,14 +83,20 @@ class Settings:
     unbounded_max: float
     compare: str
     resume: bool
+    # Optional in a config (older workdirs' saved configs lack them): these defaults.
+    purify: purify_variants.Variant = purify_variants.NEAREST
+    subset: str = "report"
+    report_per_class: int = 0
 
     @classmethod
     def from_config(cls, config) -> "Settings":
         section = config.get("evaluate")
         check(section is not None, "the config has no `evaluate` section (see configs/common.py)")
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in section]
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in section]
         check(not missing, f"config.evaluate lacks field(s) {missing} (see configs/common.py)")
-        values = {f.name: section[f.name] for f in dataclasses.fields(cls)}
+        values = {f.name: section[f.name] for f in dataclasses.fields(cls) if f.name in section}
+        values["purify"] = purify_variants.Variant.from_config(section.get("purify"))
         for name in ("defenses", "attacks", "eps_list"):
             values[name] = tuple([values[name]] if isinstance(values[name], (str, float, int))
                                  else values[name])
@@ -135,6 +146,12 @@ class Settings:
                                              f"{self.resume!r}")
         check(self.test_per_class >= 0 and self.curve_per_class >= 0,
               "evaluate.test_per_class and curve_per_class must be >= 0 (0: all)")
+        check(self.subset in ("report", "screen"), f"evaluate.subset must be 'report' or "
+                                                   f"'screen', got {self.subset!r}")
+        check(self.subset == "report" or (self.test_per_class >= 1 and self.report_per_class >= 1),
+              f"evaluate.subset='screen' needs test_per_class >= 1 and report_per_class >= 1 "
+              f"(the report subset it avoids), got {self.test_per_class} and "
+              f"{self.report_per_class}")
         for name, ok, expected in (
                 ("surrogate_temperature", self.surrogate_temperature > 0, "> 0"),
                 ("blur_sigma", self.blur_sigma > 0, "> 0"),
@@ -160,7 +177,9 @@ class Settings:
                 "attack_settings": {a: self.attack_settings(a) for a in self.attacks},
                 **{k: getattr(self, k) for k in ("test_per_class", "seed", "batch_size", "norm",
                                                  "eps", "curve_attack", "unbounded_max",
-                                                 "eot_samples", "compare")}}
+                                                 "eot_samples", "compare", "subset",
+                                                 "report_per_class")},
+                "purify": self.purify.describe()}
 
 
 def eps_limit(norm: str, image_size) -> float:
@@ -172,14 +191,12 @@ def eps_limit(norm: str, image_size) -> float:
 # ------------------------------------------------------------------------------ defenses
 
 
-_chosen_class = jax.jit(whole_defense.chosen_class)
-
-
 def make_defense(name: str, classifier: Classifier, purifier=None, s: Settings | None = None):
-    """Defense `name` of DEFENSES around `classifier`; `s` gives JPEG quality, bits, blur σ."""
+    """Defense `name` of DEFENSES around `classifier`; `s` gives JPEG quality, bits, blur σ and
+    the purify variant (whose λ and sparsity `purifier` must already have: `load_defenses`)."""
     transform = DEFENSES[name][0]
     option = None if s is None else {"jpeg": s.jpeg_quality, "bit_depth": s.bit_depth,
-                                     "blur": s.blur_sigma}.get(transform)
+                                     "blur": s.blur_sigma, "purify": s.purify}.get(transform)
     return Defense(name, transform, option, classifier,
                    purifier if transform == "purify" else None)
 
@@ -207,7 +224,8 @@ def check_stages(ctx: stages.Context, s: Settings) -> None:
 
 def load_defenses(workdir, s: Settings, mesh=None):
     """(context, {name: Defense}, {stage: bare classifier as a Defense} for the transfer
-    attacks) from a finished train.py workdir."""
+    attacks, the settings with the purify variant's λ and sparsity as used) from a finished
+    train.py workdir."""
     config = stages.load_config(workdir)
     config.workdir = str(workdir)
     ctx = stages.Context(config, mesh)
@@ -216,10 +234,11 @@ def load_defenses(workdir, s: Settings, mesh=None):
     classifiers = {st: Classifier(*stages.load_classifier(ctx, st)) for st in sorted(wanted)}
     purifier = None
     if any(DEFENSES[n][0] == "purify" for n in s.defenses):
-        purifier = parallel.replicate(ctx.mesh, stages.build_purifier(ctx))
+        purifier, used = purify_variants.apply(stages.build_purifier(ctx), s.purify)
+        purifier, s = parallel.replicate(ctx.mesh, purifier), dataclasses.replace(s, purify=used)
     built = {n: make_defense(n, classifiers[DEFENSES[n][1]], purifier, s) for n in s.defenses}
     sources = {st: Defense(f"bare_{st}", "none", None, classifiers[st]) for st in _sources(s)}
-    return ctx, built, sources
+    return ctx, built, sources, s
 
 
 # ------------------------------------------------------------------------------ resuming
@@ -227,8 +246,9 @@ def load_defenses(workdir, s: Settings, mesh=None):
 # The code that decides an attack cell's result (modules, or packages: every .py in them): a
 # saved cell is reused only when it is byte for byte the code that computed it. The reports
 # (srdjax.report, srdjax.stats) are not among them: rewording a report keeps the cells.
-RESULT_MODULES = ("attacks", "cascade", "clusters", "defenses", "dictionary", "evaluation",
-                  "frequency", "models", "omp", "parallel", "patches", "purifier", "resynthesis")
+RESULT_MODULES = ("attacks", "cascade", "cluster_choice", "clusters", "defenses", "dictionary",
+                  "evaluation", "frequency", "models", "omp", "parallel", "patches", "purifier",
+                  "purify_variants", "resynthesis")
 
 
 @functools.lru_cache(maxsize=None)
@@ -270,12 +290,11 @@ def evaluate(config, mesh=None, stop_after: int | None = None) -> dict:
     check("/" not in out and out not in (".", ".."),
           f"evaluate.output must be a folder name inside the workdir, got {out!r}")
     t0 = time.time()
-    ctx, built, sources = load_defenses(Path(config.workdir).expanduser(), s, mesh)
+    ctx, built, sources, s = load_defenses(Path(config.workdir).expanduser(), s, mesh)
     data_config = config.data.copy_and_resolve_references()
     data_config.test_per_class = 0
     test = load_dataset(data_config, "test", s.seed)
-    index = (np.arange(len(test)) if not s.test_per_class
-             else class_balanced_subset(test.y, s.test_per_class, s.seed))
+    index = evaluated_subset(test.y, s)
     x, y = test.x[index].astype(np.float32) / 255.0, test.y[index].astype(np.int32)
     # Batches no larger than the images need: fewer, smaller programs to compile.
     s = dataclasses.replace(s, batch_size=min(s.batch_size, len(y)))
@@ -315,6 +334,8 @@ def evaluate(config, mesh=None, stop_after: int | None = None) -> dict:
         curve=curve, unbounded=unbounded, unbounded_eps=unbounded_eps, selector=selector,
         workdir=str(ctx.workdir), run_time=time.time() - t0)
     result["output"] = str(ctx.workdir / out)
+    result["purify"] = s.purify.describe()
+    result["subset"] = {"name": s.subset, "report_per_class": s.report_per_class}
     # Cells read from an earlier, killed run keep the seconds they took then.
     result["cells"] = {"run": cache.computed, "resumed": cache.reused,
                        "attack_seconds": round(sum(v or 0.0 for per in seconds.values()
@@ -325,27 +346,45 @@ def evaluate(config, mesh=None, stop_after: int | None = None) -> dict:
 
 
 def _selector_outcome(d: Defense, shared, x, y, s: Settings, mesh, cache) -> dict:
-    """Per image: does purify choose a wrong class's cluster after the selector attack, and the
-    true class's cluster clean (a saved cell like the attacks')."""
+    """Per image: does purify's choice leave the true class after the selector attack, and
+    does it keep it clean (a saved cell like the attacks'). The choice is the variant's own:
+    the cluster's class, or for top_classes whether the true class is among the top."""
     rows = np.arange(len(y))
     key = cache.key("selector_success", PURIFY_STAGES, eps=float(s.eps), seed=s.seed,
                     images=cascade._array_hash(x, y), norm=s.norm,
-                    settings=s.attack_settings("selector"))
+                    settings=s.attack_settings("selector"), variant=d.option)
     saved = cache.load(key, rows)
     if saved is None:
         adv = shared.images("selector", s.eps)
-        wrong = _chosen(d, adv, s, mesh) != y
+        wrong = ~_true_choice(d, adv, y, s, mesh)
         cache.save(key, rows, wrong, 0.0, f"selector success at eps {s.eps:.6g}")
     else:
         wrong = saved[0]
-    return {"wrong": wrong, "true_cluster": _chosen(d, x, s, mesh) == y}
+    return {"wrong": wrong, "true_cluster": _true_choice(d, x, y, s, mesh)}
 
 
-def _chosen(d: Defense, images, s: Settings, mesh) -> np.ndarray:
-    """The class of the cluster purify chooses for each image."""
+_true_choice_jit = jax.jit(purify_variants.true_choice, static_argnums=0)
+
+
+def _true_choice(d: Defense, images, y, s: Settings, mesh) -> np.ndarray:
+    """Per image: does the purify variant's choice keep the true class?"""
     rows = np.arange(len(images))
     size, batches = cascade.plan(len(rows), s.batch_size, mesh)
-    parts = [parallel.to_host(_chosen_class(
-        d.purifier, cascade._batch(mesh, rows, lo, hi, size, images)[0]))[:hi - lo]
-        for lo, hi in batches]
+    variant = d.option if d.option is not None else purify_variants.NEAREST
+    parts = []
+    for lo, hi in batches:
+        xb, yb, _ = cascade._batch(mesh, rows, lo, hi, size, images, y)
+        parts.append(parallel.to_host(_true_choice_jit(variant, d.purifier, xb, yb))[:hi - lo])
     return np.concatenate(parts)
+
+
+def evaluated_subset(y, s: Settings) -> np.ndarray:
+    """Indices of the evaluated test images. "report": `test_per_class` seeded picks per class
+    (all images when 0). "screen": `test_per_class` per class from the images outside the
+    report subset of `report_per_class` per class, so a variant screened on one is reported on
+    images it was not chosen on."""
+    if s.subset == "report":
+        return (np.arange(len(y)) if not s.test_per_class
+                else class_balanced_subset(y, s.test_per_class, s.seed))
+    report_rows = class_balanced_subset(y, s.report_per_class, s.seed)
+    return class_balanced_subset(y, s.test_per_class, s.seed, exclude=report_rows)

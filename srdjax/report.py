@@ -245,6 +245,20 @@ def _attack_text(r: dict) -> str:
     return "; ".join(one(a) for a in r["attacks"])
 
 
+def _variant_text(r: dict) -> str:
+    """How purification and the images were set (evaluate.purify, evaluate.subset)."""
+    v, sub = r.get("purify"), r.get("subset")
+    text = ""
+    if v:
+        top = f" (top {v['top']})" if v["choice"] == "top_classes" else ""
+        text += (f" Purification: cluster choice {v['choice']}{top}, Tikhonov λ {v['lam']:g}, "
+                 f"OMP sparsity {v['sparsity']}.")
+    if sub and sub["name"] == "screen":
+        text += (f" Images: the screening subset, disjoint from the report subset of "
+                 f"{sub['report_per_class']} per class.")
+    return text
+
+
 def render_markdown(r: dict) -> str:
     """The report: the main table (defenses × the cascade's attacks, accuracy in %) first."""
     m, norm = r["machine"], r["norm"]
@@ -259,7 +273,8 @@ def render_markdown(r: dict) -> str:
              "one failed to break. Accuracy in %: a column gives the images still classified "
              "correctly after that attack and every earlier one; worst case: after all of "
              "them, with its exact (Clopper–Pearson) 95% interval. – : does not apply "
-             "(selector and surrogate attack the purifier's cluster choice).", ""]
+             "(selector and surrogate attack the purifier's cluster choice)."
+             + _variant_text(r), ""]
     lines += _table(["defense", "clean"] + r["attacks"] + ["worst case", "95% interval"], [
         [n, _pct(r["clean"][n])] + [_pct(r["robust_after"][n][a]) for a in r["attacks"]]
         + [_pct(r["worst_case"][n]), ci(r["worst_case_interval"][n])] for n in r["defenses"]])

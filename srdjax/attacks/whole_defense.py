@@ -21,6 +21,12 @@ AutoAttack found 0%). Two attacks aim at the choice itself:
              least squares on them exact), so the gradient also moves the cluster weights.
              Its value is the real defense's logits, so success is judged on the real thing.
 
+A purification defense's `option` is a `purify_variants.Variant` (None: the paper's): how it
+chooses the dictionary (nearest cluster, lowest reconstruction error, or the top-k classes'
+rebuilds averaged), each with its own exact BPDA gradient given its choices, and the selector
+attacking its own choice (`purify_variants.selector_margin`). The surrogate's gradient stays the
+nearest-cluster soft purify for every variant; its value is the variant's deployed logits.
+
 `eot_logits` averages a random defense over samples (Athalye et al. 2018's EOT). Purification
 is deterministic, so the evaluation needs it for none of its defenses; it is there for defenses
 that draw random numbers.
@@ -38,10 +44,10 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from srdjax import attacks
-from srdjax import clusters as clusters_lib
 from srdjax import defenses as transforms
 from srdjax import patches as patch_lib
 from srdjax import purifier as purifier_lib
+from srdjax import purify_variants
 from srdjax.checks import check, check_images, check_labels
 from srdjax.models import apply_model
 
@@ -58,8 +64,9 @@ class Classifier:
 
 @flax.struct.dataclass
 class Defense:
-    """`transform` (static, with its static `option`: JPEG quality, bits or blur σ) followed by
-    `classifier`; `purifier` holds the purification state when transform == "purify"."""
+    """`transform` (static, with its static `option`: JPEG quality, bits, blur σ, or for purify
+    the `purify_variants.Variant`, None being the paper's) followed by `classifier`; `purifier`
+    holds the purification state when transform == "purify"."""
     name: str = flax.struct.field(pytree_node=False)
     transform: str = flax.struct.field(pytree_node=False)
     option: Any = flax.struct.field(pytree_node=False)
@@ -79,37 +86,41 @@ def _transform(d: Defense, x, attacked: bool):
     return transforms.bpda(fn)(x) if attacked else fn(x)   # rounding: straight-through
 
 
+def _variant(d: Defense):
+    return d.option if d.option is not None else purify_variants.NEAREST
+
+
 def defense_logits(d: Defense, x):
     """The defense as deployed."""
+    if d.transform == "purify":
+        return purify_variants.defense_logits(_variant(d), d.purifier, d.classifier, x)
     return d.classifier(_transform(d, x, attacked=False))
 
 
 def attack_logits(d: Defense, x):
     """The values of `defense_logits`, with the gradient an attacker uses."""
+    if d.transform == "purify":
+        return purify_variants.attack_logits(_variant(d), d.purifier, d.classifier, x)
     return d.classifier(_transform(d, x, attacked=True))
 
 
-def _distances(p: purifier_lib.Purifier, x):
-    """Squared distance [N, K] of each image's robust latent to every cluster, per latent dim."""
-    z = p.latent(x)
-    return clusters_lib.cluster_distances(z, p.clusters, p.options.distance) / z.shape[-1]
+_distances = purify_variants.latent_distances
 
 
 def selector_margin(p: purifier_lib.Purifier, y, x):
     """Per image: (distance to the nearest cluster of class y) − (distance to the nearest cluster
     of any other class). Positive exactly when purify would choose a wrong class's cluster."""
-    d = _distances(p, x)
-    own = p.clusters.class_ids[None, :] == y[:, None]
-    return (jnp.min(jnp.where(own, d, jnp.inf), axis=1)
-            - jnp.min(jnp.where(own, jnp.inf, d), axis=1))
+    return purify_variants.nearest_margin(p, y, x)
 
 
 def selector_attack(p: purifier_lib.Purifier, x, y, *, eps, key, steps=100, norm="linf",
-                    ids=None):
-    """Images in the ε-ball that push the robust latent toward a wrong class's nearest cluster
-    (the visited point of largest `selector_margin`, per image; random starts keyed by `ids`)."""
+                    ids=None, variant=None):
+    """Images in the ε-ball that push purification's choice off the true class: the visited
+    point of largest `selector_margin` per image (for a `variant`, the margin of its own
+    choice: `purify_variants.selector_margin`); random starts keyed by `ids`."""
     check_labels(y, jnp.shape(x)[0])
-    return attacks.pgd_on_loss(Partial(selector_margin, p, y), x, eps=eps, key=key, steps=steps,
+    margin = purify_variants.selector_margin(variant or purify_variants.NEAREST)
+    return attacks.pgd_on_loss(Partial(margin, p, y), x, eps=eps, key=key, steps=steps,
                                norm=norm, ids=ids)
 
 
@@ -142,10 +153,17 @@ def soft_purify(p: purifier_lib.Purifier, x, *, top: int = 3, temperature: float
 
 def surrogate_logits(p: purifier_lib.Purifier, classifier, x, *, top: int, temperature: float):
     """The real defense's logits classifier(purify(x)) as the value, the gradient of
-    classifier(soft_purify(x)). (stop_gradient(a) + b − stop_gradient(b) equals a exactly: the
-    difference of a finite float with itself is 0.)"""
-    real = jax.lax.stop_gradient(classifier(purifier_lib.purify(p, x)))
-    soft = classifier(soft_purify(p, x, top=top, temperature=temperature))
+    classifier(soft_purify(x)). (stop_gradient(a) + (b − stop_gradient(b)) equals a exactly:
+    the difference of a finite float with itself is 0.)"""
+    return defense_surrogate_logits(Defense("srd", "purify", None, classifier, p), x, top=top,
+                                    temperature=temperature)
+
+
+def defense_surrogate_logits(d: Defense, x, *, top: int, temperature: float):
+    """`surrogate_logits` for a purification defense of any variant: its deployed logits as
+    the value, the nearest-cluster soft purify's gradient (the surrogate of every variant)."""
+    real = jax.lax.stop_gradient(defense_logits(d, x))
+    soft = d.classifier(soft_purify(d.purifier, x, top=top, temperature=temperature))
     return real + (soft - jax.lax.stop_gradient(soft))
 
 
@@ -182,3 +200,9 @@ def _surrogate(top: int, temperature: float):
     """surrogate_logits with its static settings bound, one function object per setting (so
     jitted attack steps that take it as a Partial compile once)."""
     return functools.partial(surrogate_logits, top=top, temperature=temperature)
+
+
+@functools.lru_cache(maxsize=None)
+def _defense_surrogate(top: int, temperature: float):
+    """defense_surrogate_logits with its static settings bound (see `_surrogate`)."""
+    return functools.partial(defense_surrogate_logits, top=top, temperature=temperature)
