@@ -104,9 +104,6 @@ def attack_logits(d: Defense, x):
     return d.classifier(_transform(d, x, attacked=True))
 
 
-_distances = purify_variants.latent_distances
-
-
 def selector_margin(p: purifier_lib.Purifier, y, x):
     """Per image: (distance to the nearest cluster of class y) − (distance to the nearest cluster
     of any other class). Positive exactly when purify would choose a wrong class's cluster."""
@@ -131,13 +128,14 @@ def chosen_class(p: purifier_lib.Purifier, x):
 
 def soft_purify(p: purifier_lib.Purifier, x, *, top: int = 3, temperature: float = 1.0):
     """A smooth stand-in for purify: Σ_t w_t · purify_{k_t}(x) over the `top` nearest clusters
-    k_t, w = softmax(−d / temperature) with d the per-dimension distances of `_distances`, each
-    purify_k with OMP's supports chosen at x and held fixed (so linear in x). The clip is
-    straight-through. As temperature → 0 (or top = 1) it is purify with the BPDA gradient."""
+    k_t, w = softmax(−d / temperature) with d the per-dimension distances of
+    `purify_variants.latent_distances`, each purify_k with OMP's supports chosen at x and held
+    fixed (so linear in x). The clip is straight-through. As temperature → 0 (or top = 1) it is
+    purify with the BPDA gradient."""
     check(isinstance(top, int) and top >= 1, f"surrogate top must be an integer >= 1, got {top!r}")
     check(temperature > 0, f"surrogate temperature must be > 0, got {temperature!r}")
     top = min(top, p.clusters.num_clusters)
-    d = _distances(p, x)
+    d = purify_variants.latent_distances(p, x)
     neg_d, nearest = jax.lax.top_k(-d, top)                                  # [N, top]
     weights = jax.nn.softmax(neg_d / temperature, axis=-1)
     # OMP picks its atoms at the current point; no gradient flows through the picks.
