@@ -20,9 +20,9 @@ classifier, so no row is reported on the images it was chosen on.
 Per row: clean accuracy, worst-case robust accuracy over the cascade `evaluate.attacks`, and the
 paired difference of worst cases to PGD-AT with its exact interval and McNemar p (srdjax.stats),
 from the per-image results (per_image.npz). Rows that need training (the number of clusters, a
-larger latent weight, training through the purifier) are listed with the train.py command that
-makes their workdir (<workdir>_<row>), and evaluated like the others once that workdir exists;
-never filled in otherwise. Writes <out>.md, <out>.json and <out>.png (clean against worst case,
+larger latent weight, training through the purifier: stage purified_at) are listed with the
+train.py command that makes their workdir (<workdir>_<row>), and evaluated like the others
+once that workdir exists; never filled in otherwise. Writes <out>.md, <out>.json and <out>.png (clean against worst case,
 one point per row and subset).
 """
 from __future__ import annotations
@@ -78,9 +78,10 @@ ROWS = (
         "fixed-k option)", train="--config.cluster.k_max=4 --config.cluster.threshold=-1.0"),
     Row("latent_weight_1", "latent weight", "robust model with latent weight 1.0",
         train="--config.robust.latent_weight=1.0"),
-    Row("through_purifier", "adversarial training through the purifier", "the classifier "
-        "trained on purified adversarial images, with a term attacking the cluster choice",
-        note="needs a training stage srdjax does not have"),
+    Row("through_purifier", "adversarial training through the purifier", "the robust "
+        "classifier fine-tuned on purified adversarial images (FGSM-RS through the defense "
+        "plus the cluster-choice margin, stage purified_at)", defense="srd_purified_at",
+        train="\"--config.stages=('purified_at',)\""),
 )
 REFERENCE = "pgd_at"
 

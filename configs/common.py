@@ -96,6 +96,28 @@ def base_config() -> ml_collections.ConfigDict:
     c.robust.latent_weight = 0.3     # λ [uGuard]
     c.robust.distance = "sigma"      # sigma | mahalanobis (needs cluster.covariance)
 
+    # Optional stage purified_at (srdjax/purified_training.py): the classifier behind the
+    # purifier fine-tuned on purified adversarial images, each attack made through the whole
+    # defense (BPDA) with a term pushing the cluster choice to a wrong class; evaluated as the
+    # defense srd_purified_at. Not in any config's default stages: an ablation row.
+    c.purified_at = ml_collections.ConfigDict()
+    c.purified_at.init = "robust"    # robust | pgd_at | baseline: the weights it starts from
+    c.purified_at.epochs = 1
+    c.purified_at.batch_size = 256
+    c.purified_at.lr = 0.02
+    c.purified_at.momentum = 0.9
+    c.purified_at.nesterov = True
+    c.purified_at.weight_decay = 5e-4
+    c.purified_at.schedule = "cyclic"
+    c.purified_at.warmup_fraction = 0.3
+    c.purified_at.label_smoothing = 0.0
+    c.purified_at.attack = "fgsm_rs"
+    c.purified_at.eps = 8.0          # /255
+    c.purified_at.step_size = 10.0   # /255 (1.25 ε)
+    c.purified_at.attack_steps = 10  # pgd only
+    c.purified_at.noise = 16.0       # /255, n_fgsm only
+    c.purified_at.selector_weight = 1.0  # β: the cluster-choice margin in the attack's objective
+
     # Stage 5: purification.
     c.purify = ml_collections.ConfigDict()
     c.purify.image_chunk = 0         # images OMP-coded together (memory); 0: by platform

@@ -37,6 +37,8 @@ def get_config():
     c.robust.lr = 0.01
     c.robust.holdout_per_class = 2   # the overfitting watch runs too (20 images, PGD-2)
     c.robust.check_steps = 2
+    c.purified_at.batch_size = 50    # not in the default stages; tests run it
+    c.purified_at.lr = 0.01
     # A tiny evaluation: python evaluate.py --config configs/smoke.py --config.workdir=...
     c.evaluate.test_per_class = 2
     c.evaluate.batch_size = 10

@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 from srdjax.checks import SrdjaxError, check
 
-STAGE_NAMES = ("baseline", "cluster", "dictionaries", "robust", "pgd_at", "purify")
+STAGE_NAMES = ("baseline", "cluster", "dictionaries", "robust", "pgd_at", "purify",
+               "purified_at")
 
 
 # A rule takes (dotted name, value) and raises SrdjaxError if the value is wrong.
@@ -179,6 +180,10 @@ SCHEMA: dict[str, Any] = {
     "purify": {
         "image_chunk": integer(0),
     },
+    "purified_at": _training(   # optional (older saved configs lack it): purified_training
+        attack=text("pgd", "fgsm_rs", "n_fgsm"), eps=number(0, 255),
+        step_size=number(0, 255, above=True), attack_steps=_STEPS, noise=number(0, 255),
+        selector_weight=number(0), init=text("robust", "pgd_at", "baseline")),
     "evaluate": {   # value ranges and names: evaluation.Settings
         "test_per_class": integer(0), "curve_per_class": integer(0),
         "defenses": sequence(text(), nonempty=True), "attacks": sequence(text(), nonempty=True),
@@ -205,7 +210,7 @@ SCHEMA: dict[str, Any] = {
 }
 
 # May be absent from a config (every other field of SCHEMA must be present).
-OPTIONAL = {"resolution", "data.test_fraction", "data.classes", "data.tfds_train_split",
+OPTIONAL = {"resolution", "purified_at", "data.test_fraction", "data.classes", "data.tfds_train_split",
             "data.tfds_test_split", "model.dtype", "evaluate", "distributed",
             "evaluate.purify", "evaluate.subset", "evaluate.report_per_class"}
 
@@ -249,6 +254,9 @@ def check_config(config) -> None:
     dim = d.patch_size * d.patch_size * 3
     check(d.sparsity <= dim, f"config.dictionaries.sparsity ({d.sparsity}) must be <= the patch "
                              f"dimension patch_size²·3 = {dim}")
+    check("purified_at" not in config.stages or config.get("purified_at") is not None,
+          "config.stages names purified_at but the config has no purified_at section (see "
+          "configs/common.py)")
     r = config.robust
     check(r.distance != "mahalanobis" or config.cluster.covariance,
           "config.robust.distance='mahalanobis' needs config.cluster.covariance=True")

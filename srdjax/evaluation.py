@@ -45,6 +45,7 @@ DEFENSES = {
     "bit_depth": ("bit_depth", "baseline"), "blur": ("blur", "baseline"),
     "pgd_at": ("none", "pgd_at"), "robust": ("none", "robust"),
     "srd_baseline": ("purify", "baseline"), "srd_robust": ("purify", "robust"),
+    "srd_purified_at": ("purify", "purified_at"),
 }
 PURIFY_STAGES = ("robust", "cluster", "dictionaries")
 ATTACKS = cascade.REGISTRY + tuple(TRANSFER_SOURCES) + PURIFIER_ONLY

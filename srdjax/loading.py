@@ -15,6 +15,8 @@ from srdjax.checks import SrdjaxError
 from srdjax.models import apply_model
 from srdjax.purifier import Purifier, check_input, defense_logits
 
+CLASSIFIERS = ("baseline", "robust", "purified_at")
+
 
 def context(checkpoint_dir, mesh=None) -> stages.Context:
     """The stages' context of a workdir, with the config it was trained with."""
@@ -35,9 +37,11 @@ def load_defense(checkpoint_dir, classifier: str = "baseline", mesh=None):
     finite; values only when concrete) and then calls its jitted body, `fn.unchecked`, which
     code already inside `jit` or an attack loop may call directly. Its gradient is the BPDA
     gradient (see `purify_bpda`), so any gradient attack applies to it as it would to a bare
-    model. `classifier` is "baseline" or "robust"."""
-    if classifier not in ("baseline", "robust"):
-        raise SrdjaxError(f"classifier must be 'baseline' or 'robust', got {classifier!r}")
+    model. `classifier` is "baseline", "robust" or "purified_at" (the classifier trained through
+    the purifier, when the workdir has that stage)."""
+    if classifier not in CLASSIFIERS:
+        raise SrdjaxError(f"classifier must be one of {', '.join(map(repr, CLASSIFIERS))}, got "
+                          f"{classifier!r}")
     ctx = context(checkpoint_dir, mesh)
     purifier = stages.build_purifier(ctx)
     graphdef, params, stats = stages.load_classifier(ctx, classifier)

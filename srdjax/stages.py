@@ -1,6 +1,8 @@
 """The method as a chain of stages, each (config, previous stage's checkpoint) → checkpoint.
 
     baseline → cluster → dictionaries → robust (+ pgd_at, the λ = 0 comparison) → evaluate
+                                          └→ purified_at (optional: the classifier behind the
+                                             purifier, adversarially trained through it)
 
 `run(config)` runs the stages the config names, in order, skipping those whose checkpoint is
 complete; every stage reads what it needs from the stages before it in the same workdir.
@@ -18,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from srdjax import clusters, config_checks, dictionary, frequency, imageio, parallel, robust
+from srdjax import purified_training
 from srdjax import purifier as purifier_lib
 from srdjax import data as data_lib
 from srdjax import patches as patch_lib
@@ -36,6 +39,7 @@ DEPENDS["dictionaries"] = DEPENDS["cluster"] + ("frequency", "dictionaries")
 DEPENDS["robust"] = DEPENDS["cluster"] + ("robust",)
 DEPENDS["pgd_at"] = DEPENDS["baseline"] + ("robust",)
 DEPENDS["purify"] = DEPENDS["dictionaries"] + ("robust", "purify")
+DEPENDS["purified_at"] = DEPENDS["purify"] + ("purified_at",)
 
 
 class Context:
@@ -299,6 +303,41 @@ def run_pgd_at(ctx: Context, stop_after_steps=None):
     return _run_robust(ctx, "pgd_at", 0.0, stop_after_steps)
 
 
+def run_purified_at(ctx: Context, stop_after_steps=None):
+    """The classifier behind the purifier, fine-tuned from `purified_at.init`'s weights on
+    purified adversarial images, each attack made through the whole defense
+    (`srdjax.purified_training`); the purifier itself (robust model, clusters, dictionaries)
+    stays as trained. Evaluated as the defense `srd_purified_at`."""
+    section = ctx.config.purified_at
+    eps, step_size, noise = purified_training.check_section(section)
+    _, params, stats = load_classifier(ctx, section.init)
+    purifier = build_purifier(ctx)
+
+    def loss_builder(graphdef):
+        return purified_training.make_purified_loss(graphdef, section, purifier, ctx.mesh,
+                                                    eps, step_size, noise)
+
+    def watch(graphdef):
+        # The weights kept are the last epoch's; the summary adds what the stage is for: the
+        # accuracy of purify → this classifier on the test set.
+        test = ctx.dataset("test")
+        bs = ctx.config.eval_batch_size
+        purified, _ = purifier_lib.purify_uint8(purifier, test.x, ctx.mesh, bs)
+        predict = training.make_predict(graphdef, ctx.mesh)
+
+        def final(state):
+            logits, _ = training.predict_dataset(predict, state.params, state.batch_stats,
+                                                 Dataset(purified, test.y, test.classes),
+                                                 ctx.mesh, bs)
+            acc = training.accuracy(logits, test.y)
+            ctx.log(f"[purified_at] purify → purified_at: {acc:.4f} on the test images")
+            return state.params, state.batch_stats, {"purified_test_acc": acc}
+        return None, None, final
+
+    return train_classifier(ctx, "purified_at", section, loss_builder, init=(params, stats),
+                            stop_after_steps=stop_after_steps, watch=watch)
+
+
 def build_purifier(ctx: Context) -> purifier_lib.Purifier:
     """The purifier of a workdir whose stages are done: its robust model, clusters and
     dictionaries, replicated on the mesh like the model's parameters."""
@@ -345,6 +384,7 @@ STAGES = {
     "robust": run_robust,
     "pgd_at": run_pgd_at,
     "purify": run_purify,
+    "purified_at": run_purified_at,
 }
 
 

@@ -501,7 +501,7 @@ def test_loaders_refuse_bad_workdirs(workdir, tmp_path):
         with pytest.raises(SrdjaxError, match=expected):
             srdjax.load_defense(path)
     before = snapshot(workdir)
-    with pytest.raises(SrdjaxError, match="classifier must be 'baseline' or 'robust', got 'pgd'"):
+    with pytest.raises(SrdjaxError, match="classifier must be one of 'baseline', 'robust', 'purified_at', got 'pgd'"):
         srdjax.load_defense(workdir, classifier="pgd")
     run_dir = _copy(workdir, tmp_path)
     _flip_a_byte(run_dir / "robust" / "final")
