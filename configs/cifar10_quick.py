@@ -6,8 +6,9 @@ Stages: baseline → cluster → dictionaries → robust → pgd_at → purify (
 runs/cifar10_quick.
 Baseline: SmallCNN (widths 24-32-64-128, 0.3M parameters), 8 epochs, batch 256,
 SGD-Nesterov, one-cycle to lr 0.2, weight decay 5e-4, label smoothing 0.2, reflect-pad-2 crops
-and flips: 87.78% on the 10,000 test images (88.64% with flip test-time augmentation), about
-11 min (667 s) on a 2-core AMD EPYC CPU with 2 host devices; clusters k = 2 for every class (20).
+and flips: 87.83% on the 10,000 test images (88.41% with flip test-time augmentation), about
+11 min (667 s) on a 2-core AMD EPYC CPU with 2 host devices (the same figures again on a rerun);
+clusters k = 2 for every class (20).
 
 Robust and PGD-AT, twins (same network, data, attack, schedule and epochs; pgd_at has λ = 0):
 fast adversarial training fine-tuned from the baseline, which keeps the robust latent in the
