@@ -7,7 +7,7 @@ Each attack runs at its standard AutoAttack strength (APGD-CE 100 steps; APGD-T 
 targets; FAB-T 100 steps x 9 targets; Square 5,000 queries; one restart each) on the first
 clean-correct images of the evaluation's class-balanced test set, against
   bare        the quick config's PGD-AT classifier (`--stage`), and
-  srd_robust  purify -> robust classifier, `srdjax.purifier.load_defense(workdir, "robust")`,
+  srd_robust  purify -> robust classifier, `srdjax.load_defense(workdir, "robust")`,
               whose gradient is the BPDA gradient through purification.
 Before each timed run the attack runs once on the same batch (at full strength: at a few steps
 or queries), so that the compilation is outside the time (it is reported apart). With --fraction F < 1 every attack
@@ -137,7 +137,7 @@ def main(argv=None):
     from benchmarks.common import cpu_times, machine, write_json
     from srdjax import stages
     from srdjax.models import apply_model
-    from srdjax.purifier import load_defense
+    from srdjax.loading import load_defense
     cpu_start = cpu_times()
     config = stages.load_config(args.workdir)
     config.workdir = str(args.workdir)
