@@ -22,8 +22,8 @@ paired difference of worst cases to PGD-AT with its exact interval and McNemar p
 from the per-image results (per_image.npz). Rows that need training (the number of clusters, a
 larger latent weight, training through the purifier: stage purified_at) are listed with the
 train.py command that makes their workdir (<workdir>_<row>), and evaluated like the others
-once that workdir exists; never filled in otherwise. Writes <out>.md, <out>.json and <out>.png (clean against worst case,
-one point per row and subset).
+once that workdir exists; never filled in otherwise. Writes <out>.md, <out>.json and <out>.png
+(clean against worst case, one point per row and subset).
 """
 from __future__ import annotations
 

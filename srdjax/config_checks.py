@@ -210,9 +210,9 @@ SCHEMA: dict[str, Any] = {
 }
 
 # May be absent from a config (every other field of SCHEMA must be present).
-OPTIONAL = {"resolution", "purified_at", "data.test_fraction", "data.classes", "data.tfds_train_split",
-            "data.tfds_test_split", "model.dtype", "evaluate", "distributed",
-            "evaluate.purify", "evaluate.subset", "evaluate.report_per_class"}
+OPTIONAL = {"resolution", "purified_at", "data.test_fraction", "data.classes",
+            "data.tfds_train_split", "data.tfds_test_split", "model.dtype", "evaluate",
+            "distributed", "evaluate.purify", "evaluate.subset", "evaluate.report_per_class"}
 
 
 def _items(section) -> dict:

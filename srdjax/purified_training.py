@@ -47,8 +47,7 @@ def check_section(section) -> tuple[float, float, float]:
 
 def make_adversary(graphdef, section, eps: float, step_size: float, noise: float):
     """(purifier, params, batch_stats, x, y, key) -> (x_adv, P(x_adv)) for one device's images:
-    the
-    section's attack on CE(g(P(x))) + β · margin with the BPDA gradient through P, g in
+    the section's attack on CE(g(P(x))) + β · margin with the BPDA gradient through P, g in
     evaluation mode (its weights frozen), then the purification g trains on."""
     beta = float(section.selector_weight)
     attack = robust.training_attack(section, eps, step_size, noise)

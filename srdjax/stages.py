@@ -320,12 +320,10 @@ def run_purified_at(ctx: Context, stop_after_steps=None):
     def watch(graphdef):
         # The weights kept are the last epoch's; the summary adds what the stage is for: the
         # accuracy of purify → this classifier on the test set.
-        test = ctx.dataset("test")
-        bs = ctx.config.eval_batch_size
-        purified, _ = purifier_lib.purify_uint8(purifier, test.x, ctx.mesh, bs)
-        predict = training.make_predict(graphdef, ctx.mesh)
-
         def final(state):
+            test, bs = ctx.dataset("test"), ctx.config.eval_batch_size
+            purified, _ = purifier_lib.purify_uint8(purifier, test.x, ctx.mesh, bs)
+            predict = training.make_predict(graphdef, ctx.mesh)
             logits, _ = training.predict_dataset(predict, state.params, state.batch_stats,
                                                  Dataset(purified, test.y, test.classes),
                                                  ctx.mesh, bs)
