@@ -338,6 +338,22 @@ def chunk_layout(n: int, chunk: int):
     return n_chunks, c, n_chunks * c - n
 
 
+def written_once(fn, *arrays):
+    """`fn` over rows sharing the leading axis, in a loop of two steps, so that its output is
+    written to memory once.
+
+    XLA's CPU backend fuses a producer made of cheap element-wise ops into each of its
+    consumers, and into every tap of a consumer that reads each element many times (a 3×3
+    convolution, the patches of an 8×8 grid): the producer is then computed that many times.
+    It does not fuse a loop's output. (`optimization_barrier` did not stop it.) One row is
+    padded to two, as XLA drops a loop of one step."""
+    n = arrays[0].shape[0]
+    if n == 1:
+        out = chunked_map(fn, 1, *(jnp.concatenate([a, jnp.zeros_like(a)]) for a in arrays))
+        return jax.tree.map(lambda o: o[:1], out)
+    return chunked_map(fn, -(-n // 2), *arrays)
+
+
 def chunked_map(fn, chunk: int, *arrays):
     """`fn` over `chunk` rows at a time (a `fori_loop`), for arrays sharing the leading axis
     [N, ...]; the rows are zero-padded to a whole number of chunks and the padding dropped from

@@ -312,6 +312,23 @@ def test_chunked_map_is_differentiable_row_for_row():
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 64])
+def test_written_once_equals_one_call_and_keeps_its_loop(n):
+    """parallel.written_once (purify's overlap average) gives fn's rows, several outputs, and
+    keeps a loop in the compiled program even for one row (XLA drops a loop of one step, and
+    its output would then be fused into, and recomputed by, every consumer)."""
+    from srdjax import parallel
+    x = np.random.default_rng(n).normal(size=(n, 6, 6, 3)).astype(np.float32)
+
+    def fn(a):
+        return jnp.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)))[:, 2:, 2:] + a, jnp.sum(a, (1, 2))
+
+    f = jax.jit(lambda a: parallel.written_once(fn, a))
+    for g, w in zip(f(x), fn(x)):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    assert " while(" in f.lower(x).compile().as_text()
+
+
 def test_chunked_map_keeps_a_sharded_batch_on_its_devices():
     from srdjax import parallel
     mesh = parallel.make_mesh(jax.devices()[:2])
