@@ -4,7 +4,7 @@
 
 Every attack step through purification runs classifier(purify_bpda(x)) on each device's images
 inside a `shard_map` and a `fori_loop`, as `srdjax.cascade` runs the attacks. This times, on the
-same images and mesh, best of --repeats, compilation excluded:
+same images and mesh, best of --repeats rounds run in turn, compilation excluded:
   bulk        `purify_unchecked` on the batch split over the mesh (no loop)
   purify      --steps purifications in the loop
   classifier  --steps classifier forwards in the loop (the robust model)
@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import host, write_json  # noqa: E402
+from benchmarks.common import host, interleaved, write_json  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -50,15 +49,6 @@ def main(argv=None) -> dict:
     x = parallel.shard_global(mesh, test.x[:args.n].astype(np.float32) / 255.0)
     k = args.steps
 
-    def best(f, *a):
-        jax.block_until_ready(f(*a))
-        times = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            jax.block_until_ready(f(*a))
-            times.append(time.perf_counter() - t)
-        return min(times)
-
     def looped(step, out_shape):
         def run(pp, prm, st, v):
             def body(i, acc):
@@ -76,9 +66,14 @@ def main(argv=None) -> dict:
         "both_barrier": (lambda pp, prm, st, v: classify(
             prm, st, jax.lax.optimization_barrier(pl.purify_bpda(pp, v))), logits_shape),
     }
-    rates = {"bulk": args.n / best(lambda v: pl.purify_unchecked(p, v), x)}
+    runs = {"bulk": (args.n, lambda: jax.block_until_ready(pl.purify_unchecked(p, x)))}
     for name, (step, shape) in steps.items():
-        rates[name] = k * args.n / best(looped(step, shape), p, params, stats, x)
+        f = looped(step, shape)
+        runs[name] = (k * args.n, lambda f=f: jax.block_until_ready(f(p, params, stats, x)))
+    for _, run in runs.values():
+        run()                                       # compile outside the timed rounds
+    _, best, _ = interleaved([run for _, run in runs.values()], args.repeats)
+    rates = {name: images / t for (name, (images, _)), t in zip(runs.items(), best)}
     rates["both_predicted"] = 1.0 / (1.0 / rates["purify"] + 1.0 / rates["classifier"])
     for name, r in rates.items():
         print(f"{name:15s} {r:8.0f} images/s")
