@@ -19,11 +19,13 @@ classifier, so no row is reported on the images it was chosen on.
 
 Per row: clean accuracy, worst-case robust accuracy over the cascade `evaluate.attacks`, and the
 paired difference of worst cases to PGD-AT with its exact interval and McNemar p (srdjax.stats),
-from the per-image results (per_image.npz). Rows that need training (the number of clusters, a
-larger latent weight, training through the purifier: stage purified_at) are listed with the
-train.py command that makes their workdir (<workdir>_<row>), and evaluated like the others
-once that workdir exists; never filled in otherwise. Writes <out>.md, <out>.json and <out>.png
-(clean against worst case, one point per row and subset).
+from the per-image results (per_image.npz); each other purifier row is also paired with the
+paper's (nearest), and each purifier row gives how often its cluster choice keeps the true class
+on clean images and how often the selector attack moves it off. Rows that need training (the
+number of clusters, a larger latent weight, training through the purifier: stage purified_at)
+are listed with the train.py command that makes their workdir (<workdir>_<row>), and evaluated
+like the others once that workdir exists; never filled in otherwise. Writes <out>.md,
+<out>.json and <out>.png (clean against worst case, one point per row and subset).
 """
 from __future__ import annotations
 
@@ -84,6 +86,7 @@ ROWS = (
         train="\"--config.stages=('purified_at',)\""),
 )
 REFERENCE = "pgd_at"
+PAPER = "nearest"            # the paper's purifier: the other purifier rows are paired with it
 
 
 def _resolve(row: Row, trained) -> dict:
@@ -130,20 +133,33 @@ def _measure(rows, runs: dict, reference) -> list[dict]:
     ref_out, ref_result = runs[reference]
     ref = _per_image(ref_out)
     theirs = stats.survived(ref[f"{REFERENCE}/broken_by"])
+    survived = {}
+    for row, key in rows:
+        per = _per_image(runs[key][0])
+        assert np.array_equal(per["test_index"], ref["test_index"]), "rows on different images"
+        survived[row.name] = per[f"{row.defense}/broken_by"]
+    paper = stats.survived(survived[PAPER]) if PAPER in survived else None
     out = []
     for row, key in rows:
         output, result = runs[key]
-        per = _per_image(output)
-        assert np.array_equal(per["test_index"], ref["test_index"]), "rows on different images"
-        broken = per[f"{row.defense}/broken_by"]
+        broken = survived[row.name]
         ours = stats.survived(broken)
+        selector = result.get("selector") if row.purifier else None
         entry = {"row": row.name, "family": row.family, "setting": row.setting,
                  "defense": row.defense, "output": output, "n": int(len(broken)),
                  "clean": float(np.mean(broken != stats.CLEAN_ERROR)),
                  "worst_case": float(np.mean(ours)),
                  "purify": result.get("purify") if row.purifier else None,
+                 # How often the variant's choice keeps the true class on clean images, and
+                 # how often the selector attack moves it off (srdjax.evaluation).
+                 "true_choice_clean": None if selector is None
+                 else selector["clean_true_cluster_rate"],
+                 "selector_success": None if selector is None else selector["success_rate"],
                  "versus_pgd_at": (None if row.defense == REFERENCE
-                                   else stats.paired_difference(ours, theirs))}
+                                   else stats.paired_difference(ours, theirs)),
+                 "versus_paper": (stats.paired_difference(ours, paper)
+                                  if row.purifier and paper is not None and row.name != PAPER
+                                  else None)}
         out.append(entry)
     return out
 
@@ -197,17 +213,26 @@ def _pct(v) -> str:
     return f"{100 * v:.1f}"
 
 
+def _paired(v, missing: str) -> tuple[str, str, str]:
+    if v is None:
+        return missing, "", ""
+    return (f"{100 * v['difference']:+.1f} [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]",
+            f"{v['p_value']:.3g}", f"{v['b']} / {v['c']}")
+
+
 def _table(measured: list[dict]) -> list[str]:
     lines = ["| row | what | setting | clean % | worst case % | Δ worst case vs PGD-AT (pts) "
-             "[95% exact] | McNemar p | b / c |", "|" + "---|" * 8]
+             "[95% exact] | McNemar p | b / c | Δ vs the paper's purifier (pts) [95% exact] | "
+             "McNemar p | true class chosen, clean % | selector moved it % |",
+             "|" + "---|" * 12]
     for m in measured:
-        v = m["versus_pgd_at"]
-        diff = ("reference" if v is None else
-                f"{100 * v['difference']:+.1f} [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]")
-        p = "" if v is None else f"{v['p_value']:.3g}"
-        bc = "" if v is None else f"{v['b']} / {v['c']}"
+        diff, p, bc = _paired(m["versus_pgd_at"], "reference")
+        paper = _paired(m.get("versus_paper"), "")
+        chosen = "" if m.get("true_choice_clean") is None else _pct(m["true_choice_clean"])
+        moved = "" if m.get("selector_success") is None else _pct(m["selector_success"])
         lines.append(f"| {m['row']} | {m['family']} | {m['setting']} | {_pct(m['clean'])} | "
-                     f"{_pct(m['worst_case'])} | {diff} | {p} | {bc} |")
+                     f"{_pct(m['worst_case'])} | {diff} | {p} | {bc} | {paper[0]} | {paper[1]} "
+                     f"| {chosen} | {moved} |")
     return lines
 
 
@@ -218,7 +243,11 @@ def render_markdown(r: dict) -> str:
              f"Workdir `{s['workdir']}`; attacks (cascade, worst case per image): "
              f"{', '.join(s['attacks'])}; ε = {s['eps']:.6g} ({s['norm']}). Δ: worst-case "
              "accuracy minus PGD-AT's on the same images, exact interval conditional on the "
-             "discordant images (b kept only by the row, c only by PGD-AT), exact McNemar p.", "",
+             "discordant images (b kept only by the row, c only by PGD-AT), exact McNemar p. "
+             "The other purifier rows are also paired with the paper's (nearest). True class "
+             "chosen: clean images whose cluster choice is of their own class (top_classes: "
+             "among the top); selector moved it: attacked images the selector attack moved off "
+             "their true class's cluster.", "",
              f"## Screen: {s['screen_per_class']} per class (n = {r['screen']['n']}), disjoint "
              f"from the report subset", ""] + _table(r["screen"]["rows"])
     lines += ["", f"Chosen on the screen subset (best worst case): {', '.join(r['chosen'])}."]

@@ -105,6 +105,19 @@ def test_the_ablation_command_makes_the_table_from_per_image_results(workdir, tm
             v = m["versus_pgd_at"]
             assert (v["b"], v["c"]) == (int(np.sum(ours & ~their)), int(np.sum(~ours & their)))
             assert v["difference"] == pytest.approx((v["b"] - v["c"]) / len(ours))
+    # The other purifier rows are paired with the paper's row on the same images, and carry
+    # their own evaluation's cluster-choice figures.
+    paper = np.load(f"{screen['nearest']['output']}/per_image.npz")["srd_robust/broken_by"] == -1
+    for name in ("reconstruction", "sparsity_half"):
+        m = screen[name]
+        ours = np.load(f"{m['output']}/per_image.npz")["srd_robust/broken_by"] == -1
+        v = m["versus_paper"]
+        assert (v["b"], v["c"]) == (int(np.sum(ours & ~paper)), int(np.sum(~ours & paper)))
+        own = json.loads((Path(m["output"]) / "results.json").read_text())["selector"]
+        assert m["true_choice_clean"] == own["clean_true_cluster_rate"]
+        assert m["selector_success"] == own["success_rate"]
+    assert screen["nearest"]["versus_paper"] is None and screen["robust"]["versus_paper"] is None
+    assert screen["robust"]["selector_success"] is None
     assert len(theirs) == 10
     # The screen and report images are disjoint; the chosen row is reported.
     report = {m["row"]: m for m in r["report"]["rows"]}
