@@ -250,12 +250,15 @@ def render_markdown(r: dict) -> str:
              "their true class's cluster.", "",
              f"## Screen: {s['screen_per_class']} per class (n = {r['screen']['n']}), disjoint "
              f"from the report subset", ""] + _table(r["screen"]["rows"])
-    lines += ["", f"Chosen on the screen subset (best worst case): {', '.join(r['chosen'])}."]
+    lines += ["", "Chosen on the screen subset (best worst case): "
+              + (f"{', '.join(r['chosen'])}." if r["chosen"]
+                 else "none (--confirm 0: no row taken to the report subset).")]
     if r["report"] is not None:
         lines += ["", f"## Report: {s['report_per_class']} per class "
                       f"(n = {r['report']['n']})", ""] + _table(r["report"]["rows"])
-    lines += ["", "## Not run", "", "| row | what | setting | why | command |",
-              "|---|---|---|---|---|"]
+    if r["not_run"]:
+        lines += ["", "## Not run", "", "| row | what | setting | why | command |",
+                  "|---|---|---|---|---|"]
     for m in r["not_run"]:
         lines.append(f"| {m['row']} | {m['family']} | {m['setting']} | {m['why']} | "
                      f"{'`' + m['command'] + '`' if m['command'] else ''} |")
