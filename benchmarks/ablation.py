@@ -133,16 +133,16 @@ def _measure(rows, runs: dict, reference) -> list[dict]:
     ref_out, ref_result = runs[reference]
     ref = _per_image(ref_out)
     theirs = stats.survived(ref[f"{REFERENCE}/broken_by"])
-    survived = {}
+    broken_by = {}
     for row, key in rows:
         per = _per_image(runs[key][0])
         assert np.array_equal(per["test_index"], ref["test_index"]), "rows on different images"
-        survived[row.name] = per[f"{row.defense}/broken_by"]
-    paper = stats.survived(survived[PAPER]) if PAPER in survived else None
+        broken_by[row.name] = per[f"{row.defense}/broken_by"]
+    paper = stats.survived(broken_by[PAPER]) if PAPER in broken_by else None
     out = []
     for row, key in rows:
         output, result = runs[key]
-        broken = survived[row.name]
+        broken = broken_by[row.name]
         ours = stats.survived(broken)
         selector = result.get("selector") if row.purifier else None
         entry = {"row": row.name, "family": row.family, "setting": row.setting,
