@@ -252,7 +252,8 @@ def render_markdown(r: dict) -> str:
              f"from the report subset", ""] + _table(r["screen"]["rows"])
     lines += ["", "Chosen on the screen subset (best worst case): "
               + (f"{', '.join(r['chosen'])}." if r["chosen"]
-                 else "none (--confirm 0: no row taken to the report subset).")]
+                 else "none (--confirm 0: no row taken to the report subset)."
+                 if s["confirm"] == 0 else "none (no purifier row was screened).")]
     if r["report"] is not None:
         lines += ["", f"## Report: {s['report_per_class']} per class "
                       f"(n = {r['report']['n']})", ""] + _table(r["report"]["rows"])
